@@ -1,0 +1,75 @@
+"""The public entry points: build a model, count its parameters, get its class scores."""
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bitnet_jax import engines
+from bitnet_jax import models
+
+
+class Model(flax.struct.PyTreeNode):
+  """A BITnet module (architecture, static) with its parameters (a pytree)."""
+  module: models.BITnet6 = flax.struct.field(pytree_node=False)
+  params: dict
+
+
+def create_model(variant: str = "BITnet6", *, fs: float, num_classes: int, img_size: int = 32,
+                 in_channels: int = 3, surrogate: str = "ste", dtype=jnp.float32,
+                 seed: int = 0) -> Model:
+  """Builds a BITnet with freshly initialised parameters (PyTorch's default init).
+
+  Args:
+    variant: "BITnet6" or "BITnet6_v101".
+    fs: feature scale; channels are int(64*fs), int(128*fs), int(256*fs), int(512*fs).
+    num_classes: number of classes.
+    img_size: 32 or 64.
+    in_channels: 1 or 3.
+    surrogate: surrogate gradient name, e.g. "ste" or "atan:2".
+    dtype: compute dtype of the convolutions (parameters stay float32).
+    seed: PRNG seed of the initialisation.
+
+  Returns:
+    A `Model`.
+  """
+  if variant not in models.VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}: expected one of {tuple(models.VARIANTS)}")
+  module = models.VARIANTS[variant](fs=fs, num_classes=num_classes, img_size=img_size,
+                                    in_channels=in_channels, surrogate=surrogate, dtype=dtype)
+  dummy = jnp.zeros((1, img_size, img_size, in_channels), jnp.float32)
+  params = jax.jit(module.init)(jax.random.PRNGKey(seed), dummy)["params"]
+  return Model(module, params)
+
+
+def count_params(model_or_params) -> int:
+  """Number of scalars in the parameters (weights + biases)."""
+  params = model_or_params.params if isinstance(model_or_params, Model) else model_or_params
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+@functools.partial(jax.jit, static_argnames=("module", "steps", "engine", "chunk"))
+def _counts(module, params, images, steps, engine, chunk):
+  return engines.run(module, params, images, steps, engine=engine, chunk=chunk).out_spikes.sum(0)
+
+
+def spike_counts(model: Model, images, steps: int, *, engine: str = "parallel",
+                 chunk: int = 0) -> jax.Array:
+  """The release's class scores: spikes of the last layer summed over `steps` time steps.
+
+  Args:
+    model: a `Model`.
+    images: (B, H, W, C) normalised images (NHWC).
+    steps: number of time steps T >= 1.
+    engine: "parallel" (default) or "scan"; both give the same counts.
+    chunk: time steps per chunk of the parallel engine (0 = all at once).
+
+  Returns:
+    (B, num_classes) float32 spike counts in [0, steps]; prediction = argmax (first maximum).
+  """
+  images = jnp.asarray(images)
+  engines.check_inputs(model.module, images, steps)
+  engines.parse_remat(engine, "none")
+  return _counts(model.module, model.params, images.astype(jnp.float32), steps, engine, chunk)

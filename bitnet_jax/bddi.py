@@ -1,0 +1,145 @@
+"""The bddi neuron: one integrate-and-fire step of the original release, with surrogate gradients.
+
+Forward (exactly the release, see ORIGINAL.md), elementwise and in the input dtype:
+
+    p      = clip(pred, 0, 1)
+    c      = state + p
+    spike  = 1 if c >= 1 else 0          # threshold 1; the spike value equals the threshold
+    state' = c - spike                    # reset by subtraction
+
+Backward: the Heaviside step has no useful derivative, so a *surrogate* sg(c) = d spike / d c
+stands in for it. The reset is differentiated with the same surrogate, d state' / d c = 1 - sg(c),
+and the clip passes gradient inside its window only, d p / d pred = 1[0 <= pred <= 1]
+(both ends included). With x = c - 1 (distance to the threshold):
+
+    ste        sg = 1                                         (straight-through)
+    triangle   sg = max(0, 1 - |x| / w) / w                   (width w, default 1)
+    sigmoid    sg = a * s * (1 - s),  s = sigmoid(a * x)      (steepness a, default 4)
+    atan       sg = (a / 2) / (1 + (pi * a * x / 2) ** 2)     (steepness a, default 2)
+
+Every default has sg(threshold) = 1. For `ste`, d state'/d c = 0: gradient does not pile up
+through the membrane over time, and d count / d pred_t = 1 inside the clip window (the rate view).
+A surrogate is named by a string, optionally with its parameter: "triangle", "triangle:0.5",
+"atan:4". The `ste` backward keeps only a boolean mask as residual (1 byte per neuron).
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+_DEFAULT_PARAM = {"ste": None, "triangle": 1.0, "sigmoid": 4.0, "atan": 2.0}
+
+
+def _ste(x, _):
+  return jnp.ones_like(x)
+
+
+def _triangle(x, w):
+  return jnp.maximum(0.0, 1.0 - jnp.abs(x) / w) / w
+
+
+def _sigmoid(x, a):
+  s = jax.nn.sigmoid(a * x)
+  return a * s * (1.0 - s)
+
+
+def _atan(x, a):
+  return (a / 2.0) / (1.0 + (math.pi * a * x / 2.0) ** 2)
+
+
+_DERIVATIVES: dict[str, Callable] = {
+    "ste": _ste, "triangle": _triangle, "sigmoid": _sigmoid, "atan": _atan}
+SURROGATES = tuple(_DERIVATIVES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Surrogate:
+  """A named surrogate derivative sg(c) of the spike; hashable, so usable as a static argument."""
+  name: str
+  param: float | None = None
+
+  def derivative(self, c: jax.Array) -> jax.Array:
+    """sg(c) = d spike / d c, evaluated at membrane values c (any shape)."""
+    return _DERIVATIVES[self.name](c - 1.0, self.param).astype(c.dtype)
+
+
+def get_surrogate(spec: "str | Surrogate") -> Surrogate:
+  """Parses "name" or "name:param" (e.g. "triangle:0.5") into a `Surrogate`."""
+  if isinstance(spec, Surrogate):
+    return spec
+  if not isinstance(spec, str):
+    raise ValueError(f"surrogate must be a string such as 'ste' or 'atan:2', got {spec!r}")
+  name, _, param = spec.partition(":")
+  if name not in _DERIVATIVES:
+    raise ValueError(f"unknown surrogate {spec!r}: expected one of {SURROGATES}, "
+                     "optionally with ':<param>' (e.g. 'triangle:0.5')")
+  if name == "ste":
+    if param:
+      raise ValueError(f"surrogate 'ste' takes no parameter, got {spec!r}")
+    return Surrogate("ste")
+  try:
+    value = float(param) if param else _DEFAULT_PARAM[name]
+  except ValueError:
+    raise ValueError(f"surrogate parameter in {spec!r} must be a number") from None
+  if not value > 0:
+    raise ValueError(f"surrogate parameter in {spec!r} must be > 0, got {value}")
+  return Surrogate(name, value)
+
+
+def _forward(state, pred):
+  c = state + jnp.clip(pred, 0, 1)
+  spike = (c >= 1).astype(c.dtype)
+  return spike, c - spike, c
+
+
+@functools.cache
+def _bddi_fn(surrogate: Surrogate):
+  """Builds the custom-VJP neuron for one surrogate (cached: one function per surrogate)."""
+
+  @jax.custom_vjp
+  def neuron(state, pred):
+    spike, new_state, _ = _forward(state, pred)
+    return spike, new_state
+
+  def fwd(state, pred):
+    spike, new_state, c = _forward(state, pred)
+    window = (pred >= 0) & (pred <= 1)  # bool: the clip's pass-through mask
+    # `ste` needs no membrane value: keep the backward residual at one byte per neuron.
+    residual = (window,) if surrogate.name == "ste" else (window, c)
+    return (spike, new_state), residual
+
+  def bwd(residual, cotangents):
+    g_spike, g_state = cotangents
+    window = residual[0]
+    if surrogate.name == "ste":
+      g_c = g_spike  # sg = 1, so the reset cancels the state path: d state'/dc = 0.
+    else:
+      sg = surrogate.derivative(residual[1])
+      g_c = g_spike * sg + g_state * (1 - sg)
+    return g_c, jnp.where(window, g_c, 0).astype(g_c.dtype)
+
+  neuron.defvjp(fwd, bwd)
+  return neuron
+
+
+def bddi(state: jax.Array, pred: jax.Array, surrogate: "str | Surrogate" = "ste"):
+  """One bddi step for a layer: integrate `pred`, fire at threshold 1, reset by subtraction.
+
+  Args:
+    state: membrane state before the step, in [0, 1); same shape as `pred`.
+    pred: the layer's synaptic output (conv or linear) for this step, before clipping.
+    surrogate: name of the surrogate gradient ("ste", "triangle", "sigmoid", "atan", optionally
+      "name:param"), or a `Surrogate`.
+
+  Returns:
+    (spike, new_state): spike in {0, 1} and the state after reset, both in the input dtype.
+  """
+  state, pred = jnp.asarray(state), jnp.asarray(pred)
+  if state.shape != pred.shape:
+    raise ValueError(f"bddi: state and pred must have the same shape, got {state.shape} and "
+                     f"{pred.shape}")
+  return _bddi_fn(get_surrogate(surrogate))(state.astype(pred.dtype), pred)

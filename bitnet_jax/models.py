@@ -1,0 +1,170 @@
+"""BITnet6 and BITnet6_v101 as Flax Linen modules.
+
+Why Linen: the parameters are a plain pytree, separate from the code, so the time engines are pure
+functions of `(params, images)` that `jax.jit`, `jax.lax.scan`, `jax.checkpoint`, `custom_vjp`,
+optax, orbax and `NamedSharding` all take as they are. (NNX objects would have to be split and
+merged at every one of those boundaries.)
+
+A module here defines the architecture and the *synapses* (the conv and linear layers). The time
+loop, i.e. how the neurons are stepped, lives in `engines.py`, which calls `synapse` one layer at
+a time.
+
+Architecture (ORIGINAL.md), channels int(64*fs), int(128*fs), int(256*fs), int(512*fs):
+
+    begin : conv in -> 64fs  + IF  [+ 2x2 maxpool when the image is 64x64]
+    layer1: conv     -> 64fs  + IF, maxpool
+    layer2: conv     -> 128fs + IF, maxpool      (BITnet6_v101: no pool here ...)
+    layer3: conv     -> 256fs + IF               (... but here)
+    layer4: conv     -> 512fs + IF, maxpool
+    mlp1  : linear 4*4*512fs -> classes + IF
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bitnet_jax import bddi as bddi_lib
+
+LAYERS = ("begin", "layer1", "layer2", "layer3", "layer4", "mlp1")
+IMG_SIZES = (32, 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """One spiking layer: its name, whether a 2x2 maxpool follows, and its output shape."""
+  name: str
+  pool: bool
+  shape: tuple[int, ...]  # per image: (H, W, C) for convs, (classes,) for mlp1
+
+
+def channels(fs: float) -> tuple[int, int, int, int]:
+  """Conv widths of the release: int(64*fs), int(128*fs), int(256*fs), int(512*fs)."""
+  return int(64 * fs), int(128 * fs), int(256 * fs), int(512 * fs)
+
+
+def _torch_default_bias(fan_in: int):
+  """PyTorch's default bias init for Conv2d/Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / np.sqrt(fan_in)
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+# PyTorch's default weight init (kaiming_uniform with a=sqrt(5)) is U(-1/sqrt(fan_in), ...).
+_torch_default_kernel = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+class BITnet6(nn.Module):
+  """BITnet6 of the release (see the module docstring).
+
+  Attributes:
+    fs: feature scale (4 standard, 5 "Max"); may be fractional, channels are int(64*fs) etc.
+    num_classes: size of the output layer.
+    img_size: input height = width, 32 or 64 (64 adds a maxpool after `begin`).
+    in_channels: 1 (grayscale) or 3 (RGB).
+    surrogate: surrogate gradient of the spike, e.g. "ste" or "atan:2" (see `bddi.py`).
+    dtype: compute dtype of the synapses (float32, or bfloat16 on GPU/TPU); parameters and
+      membrane states stay float32.
+  """
+  fs: float = 4.0
+  num_classes: int = 10
+  img_size: int = 32
+  in_channels: int = 3
+  surrogate: str = "ste"
+  dtype: Any = jnp.float32
+
+  pools_after = ("layer1", "layer2", "layer4")  # the 2x2 maxpools, besides the 64x64 one
+
+  def __post_init__(self):
+    super().__post_init__()
+    self.validate()
+
+  def validate(self):
+    """Raises ValueError when the architecture cannot be built."""
+    if not (isinstance(self.fs, (int, float)) and self.fs > 0):
+      raise ValueError(f"fs must be a number > 0, got {self.fs!r}")
+    if min(channels(self.fs)) < 1:
+      raise ValueError(f"fs={self.fs} gives a layer with int(64*fs)={channels(self.fs)[0]} "
+                       "channels; fs must be >= 1/64")
+    if self.img_size not in IMG_SIZES:
+      raise ValueError(f"img_size must be one of {IMG_SIZES} (the final feature map must be "
+                       f"4x4), got {self.img_size!r}")
+    if self.in_channels not in (1, 3):
+      raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels!r}")
+    if not (isinstance(self.num_classes, int) and self.num_classes >= 1):
+      raise ValueError(f"num_classes must be an int >= 1, got {self.num_classes!r}")
+    bddi_lib.get_surrogate(self.surrogate)
+
+  def plan(self) -> tuple[LayerSpec, ...]:
+    """The six spiking layers in order, with pools and per-image output shapes."""
+    c1, c2, c3, c4 = channels(self.fs)
+    widths = {"begin": c1, "layer1": c1, "layer2": c2, "layer3": c3, "layer4": c4}
+    size, specs = self.img_size, []
+    for name in LAYERS[:-1]:
+      pool = name in self.pools_after or (name == "begin" and self.img_size == 64)
+      specs.append(LayerSpec(name, pool, (size, size, widths[name])))
+      size //= 2 if pool else 1
+    specs.append(LayerSpec("mlp1", False, (self.num_classes,)))
+    return tuple(specs)
+
+  def setup(self):
+    c1, c2, c3, c4 = channels(self.fs)
+    fan_in = {"begin": 9 * self.in_channels, "layer1": 9 * c1, "layer2": 9 * c1,
+              "layer3": 9 * c2, "layer4": 9 * c3}
+    out = {"begin": c1, "layer1": c1, "layer2": c2, "layer3": c3, "layer4": c4}
+    for name in LAYERS[:-1]:
+      setattr(self, name, nn.Conv(
+          out[name], (3, 3), padding=1, dtype=self.dtype, param_dtype=jnp.float32,
+          kernel_init=_torch_default_kernel, bias_init=_torch_default_bias(fan_in[name]),
+          name=name))
+    self.mlp1 = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+                         kernel_init=_torch_default_kernel,
+                         bias_init=_torch_default_bias(16 * c4), name="mlp1")
+
+  def synapse(self, layer: str, x: jax.Array) -> jax.Array:
+    """The layer's conv/linear on its input, in float32 (the neuron clips it into `pred`).
+
+    Args:
+      layer: one of LAYERS.
+      x: (N, H, W, C) input of the layer: images for `begin`, pooled spikes otherwise.
+
+    Returns:
+      (N, H, W, C_out) for convs, (N, num_classes) for `mlp1`.
+    """
+    x = x.astype(self.dtype)
+    if layer == "mlp1":
+      x = x.reshape(x.shape[0], -1)  # (N, 4*4*c4), NHWC order
+    return getattr(self, layer)(x).astype(jnp.float32)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """One time step from rest (all states 0); used to initialise the parameters.
+
+    Args:
+      images: (B, H, W, C) normalised images.
+
+    Returns:
+      (B, num_classes) spikes of the last layer at the first step.
+    """
+    x = images
+    for spec in self.plan():
+      spike = (jnp.clip(self.synapse(spec.name, x), 0, 1) >= 1).astype(jnp.float32)
+      x = maxpool(spike) if spec.pool else spike
+    return x
+
+
+class BITnet6_v101(BITnet6):  # pylint: disable=invalid-name
+  """The release's variant with the second maxpool after layer3 instead of layer2."""
+  pools_after = ("layer1", "layer3", "layer4")
+
+
+VARIANTS = {"BITnet6": BITnet6, "BITnet6_v101": BITnet6_v101}
+
+
+def maxpool(x: jax.Array) -> jax.Array:
+  """2x2 stride-2 max pool over the H, W axes of (..., H, W, C); on spikes this is a logical OR."""
+  dims = (1,) * (x.ndim - 3) + (2, 2, 1)
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, dims, "VALID")
