@@ -72,4 +72,5 @@ def spike_counts(model: Model, images, steps: int, *, engine: str = "parallel",
   images = jnp.asarray(images)
   engines.check_inputs(model.module, images, steps)
   engines.parse_remat(engine, "none")
-  return _counts(model.module, model.params, images.astype(jnp.float32), steps, engine, chunk)
+  images = images.astype(model.module.state_dtype)
+  return _counts(model.module, model.params, images, steps, engine, chunk)

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bitnet_jax import bddi as bddi_lib
+from bitnet_jax import neuron
 from bitnet_jax import models
 
 ENGINES = ("scan", "parallel")
@@ -87,14 +87,14 @@ def run(module: models.BITnet6, params, images: jax.Array, steps: int, *,
   if not (isinstance(chunk, int) and chunk >= 0):
     raise ValueError(f"chunk (time steps per chunk) must be an int >= 0, got {chunk!r}")
   synapse = functools.partial(module.apply, {"params": params}, method=module.synapse)
-  neuron = functools.partial(bddi_lib.bddi, surrogate=module.surrogate)
+  fire = functools.partial(neuron.bddi, surrogate=module.surrogate)  # one bddi step
   plan = module.plan()
   batch = images.shape[0]
-  states = tuple(jnp.zeros((batch,) + spec.shape, jnp.float32) for spec in plan)
+  states = tuple(jnp.zeros((batch,) + spec.shape, module.state_dtype) for spec in plan)
   pred0 = synapse("begin", images)  # (B, H, W, c1): the first layer's input never changes
   if engine == "scan":
-    return _scan(plan, synapse, neuron, pred0, states, steps, k)
-  return _parallel(plan, synapse, neuron, pred0, states, steps, chunk or steps, k)
+    return _scan(plan, synapse, fire, pred0, states, steps, k)
+  return _parallel(plan, synapse, fire, pred0, states, steps, chunk or steps, k)
 
 
 def _per_image_sum(spikes: jax.Array, leading: int) -> jax.Array:
@@ -103,12 +103,12 @@ def _per_image_sum(spikes: jax.Array, leading: int) -> jax.Array:
   return spikes.sum(axes)
 
 
-def _scan(plan, synapse, neuron, pred0, states, steps, remat):
+def _scan(plan, synapse, fire, pred0, states, steps, remat):
   def step(states, _):
     x, new_states, fired = None, [], []
     for i, spec in enumerate(plan):
       pred = pred0 if i == 0 else synapse(spec.name, x)
-      spike, state = neuron(states[i], pred)
+      spike, state = fire(states[i], pred)
       new_states.append(state)
       fired.append(_per_image_sum(spike, 0))  # (B,)
       x = models.maxpool(spike) if spec.pool else spike
@@ -128,38 +128,38 @@ def _scan(plan, synapse, neuron, pred0, states, steps, remat):
   return Trace(out, fired.sum(0), states[-1])
 
 
-def _neuron_over_time(neuron, state, preds=None, const=None, length=None):
+def _neuron_over_time(fire, state, preds=None, const=None, length=None):
   """Steps one layer's neurons through time; preds (T, ...) or a constant pred (...)."""
   def step(s, pred):
-    spike, s = neuron(s, const if pred is None else pred)
+    spike, s = fire(s, const if pred is None else pred)
     return s, spike
   state, spikes = jax.lax.scan(step, state, preds, length=length)
   return spikes, state  # (T, ...) spikes, final state
 
 
-def _parallel_chunk(plan, synapse, neuron, pred0, states, n):
+def _parallel_chunk(plan, synapse, fire, pred0, states, n):
   """Advances all layers by n steps, one layer at a time."""
   x, new_states, fired = None, [], []
   for i, spec in enumerate(plan):
     if i == 0:
-      spikes, state = _neuron_over_time(neuron, states[0], const=pred0, length=n)
+      spikes, state = _neuron_over_time(fire, states[0], const=pred0, length=n)
     else:
       flat = x.reshape((-1,) + x.shape[2:])                  # (n*B, H, W, C)
       pred = synapse(spec.name, flat)                        # one conv for n steps
       pred = pred.reshape(x.shape[:2] + pred.shape[1:])      # (n, B, ...)
-      spikes, state = _neuron_over_time(neuron, states[i], pred)
+      spikes, state = _neuron_over_time(fire, states[i], pred)
     new_states.append(state)
     fired.append(_per_image_sum(spikes, 1))                  # (B,)
     x = models.maxpool(spikes) if spec.pool else spikes
   return tuple(new_states), x, jnp.stack(fired, -1)          # states, (n, B, K), (B, 6)
 
 
-def _parallel(plan, synapse, neuron, pred0, states, steps, chunk, remat):
+def _parallel(plan, synapse, fire, pred0, states, steps, chunk, remat):
   chunk = min(chunk, steps)
-  run_chunk = functools.partial(_parallel_chunk, plan, synapse, neuron, pred0)
+  run_chunk = functools.partial(_parallel_chunk, plan, synapse, fire, pred0)
   if remat == "chunk":
     run_chunk = jax.checkpoint(run_chunk, static_argnums=(1,))
-  outs, fired = [], jnp.zeros((pred0.shape[0], len(plan)), jnp.float32)
+  outs, fired = [], jnp.zeros((pred0.shape[0], len(plan)), pred0.dtype)
   n_chunks, rest = divmod(steps, chunk)
   if n_chunks == 1:
     states, out, f = run_chunk(states, chunk)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax import bddi as bddi_lib
+from bitnet_jax import neuron
 
 LAYERS = ("begin", "layer1", "layer2", "layer3", "layer4", "mlp1")
 IMG_SIZES = (32, 64)
@@ -66,9 +66,9 @@ class BITnet6(nn.Module):
     num_classes: size of the output layer.
     img_size: input height = width, 32 or 64 (64 adds a maxpool after `begin`).
     in_channels: 1 (grayscale) or 3 (RGB).
-    surrogate: surrogate gradient of the spike, e.g. "ste" or "atan:2" (see `bddi.py`).
+    surrogate: surrogate gradient of the spike, e.g. "ste" or "atan:2" (see `neuron.py`).
     dtype: compute dtype of the synapses (float32, or bfloat16 on GPU/TPU); parameters and
-      membrane states stay float32.
+      membrane states stay float32 (float64 models, for exact tests, keep float64 states).
   """
   fs: float = 4.0
   num_classes: int = 10
@@ -97,7 +97,12 @@ class BITnet6(nn.Module):
       raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels!r}")
     if not (isinstance(self.num_classes, int) and self.num_classes >= 1):
       raise ValueError(f"num_classes must be an int >= 1, got {self.num_classes!r}")
-    bddi_lib.get_surrogate(self.surrogate)
+    neuron.get_surrogate(self.surrogate)
+
+  @property
+  def state_dtype(self):
+    """dtype of pred and the membrane: float32, or float64 for a float64 model (exact tests)."""
+    return jnp.promote_types(self.dtype, jnp.float32)
 
   def plan(self) -> tuple[LayerSpec, ...]:
     """The six spiking layers in order, with pools and per-image output shapes."""
@@ -138,7 +143,7 @@ class BITnet6(nn.Module):
     x = x.astype(self.dtype)
     if layer == "mlp1":
       x = x.reshape(x.shape[0], -1)  # (N, 4*4*c4), NHWC order
-    return getattr(self, layer)(x).astype(jnp.float32)
+    return getattr(self, layer)(x).astype(self.state_dtype)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """One time step from rest (all states 0); used to initialise the parameters.
@@ -151,7 +156,7 @@ class BITnet6(nn.Module):
     """
     x = images
     for spec in self.plan():
-      spike = (jnp.clip(self.synapse(spec.name, x), 0, 1) >= 1).astype(jnp.float32)
+      spike = (jnp.clip(self.synapse(spec.name, x), 0, 1) >= 1).astype(self.state_dtype)
       x = maxpool(spike) if spec.pool else spike
     return x
 

@@ -1,0 +1,92 @@
+"""Evaluation: sums over a padded, sharded test split, and the summary the tables are built from.
+
+`eval_step(params, batch) -> sums` is pure: every entry is a sum over the batch's real examples
+(padding has mask 0), so summing the steps' outputs counts every test example exactly once.
+"""
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bitnet_jax import engines
+from bitnet_jax import input_pipeline
+from bitnet_jax import losses
+
+SCORES = ("count", "potential")
+
+
+def make_eval_step(module, *, time_steps: int, mean, std, loss: str = "mse_rate",
+                   logit_scale: float = 10.0, engine: str = "parallel", chunk: int = 0,
+                   sweep: tuple[int, ...] = (), score: str = "count"):
+  """Builds the jitted `eval_step(params, batch) -> dict of sums`.
+
+  Args:
+    module: the BITnet module.
+    time_steps: time steps T of the run.
+    mean, std: per-channel normalisation of the dataset.
+    loss, logit_scale: the loss reported (see losses.py).
+    engine, chunk: time engine (see engines.py).
+    sweep: extra step counts t <= T at which top-1 is also measured, from the same run.
+    score: "count" (the release: argmax of spike counts, first maximum on ties) or "potential"
+      (counts + the last layer's residual membrane, which breaks most ties).
+  """
+  if score not in SCORES:
+    raise ValueError(f"unknown score {score!r}: expected one of {SCORES}")
+  bad = [t for t in sweep if not 1 <= t <= time_steps]
+  if bad:
+    raise ValueError(f"sweep steps must be in [1, {time_steps}] (the run's time steps), got {bad}")
+
+  @jax.jit
+  def eval_step(params, batch):
+    images = input_pipeline.normalize(batch["image"], mean, std)  # (B, H, W, C)
+    labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
+    trace = engines.run(module, params, images, time_steps, engine=engine, chunk=chunk)
+    counts = trace.out_spikes.sum(0)                                 # (B, K)
+    scores = counts if score == "count" else counts + trace.final_state
+    top1 = jnp.argmax(scores, -1) == labels                          # first maximum on ties
+    _, top5 = jax.lax.top_k(scores, min(5, scores.shape[-1]))        # lower index first on ties
+    tied = jnp.sum(scores == scores.max(-1, keepdims=True), -1) > 1  # the tie decided the argmax
+    per_example = losses.per_example_loss(loss, counts, labels, time_steps, logit_scale)
+    sums = {
+        "n": mask.sum(),
+        "correct1": (top1 * mask).sum(),
+        "correct5": (jnp.any(top5 == labels[:, None], -1) * mask).sum(),
+        "loss": (per_example * mask).sum(),
+        "ties": (tied * mask).sum(),
+        "layer_spikes": (trace.layer_spikes * mask[:, None]).sum(0),  # (6,)
+    }
+    if sweep:
+      partial = jnp.cumsum(trace.out_spikes, 0)[jnp.asarray(sweep) - 1]  # (S, B, K)
+      hits = jnp.argmax(partial, -1) == labels                            # (S, B)
+      sums["sweep_correct1"] = (hits * mask).sum(-1)                      # (S,)
+    return sums
+
+  return eval_step
+
+
+def evaluate(eval_step, params, batches, mesh) -> dict:
+  """Sums `eval_step` over all batches (dicts of host arrays), on the devices of `mesh`."""
+  total = None
+  for batch in batches:
+    sums = eval_step(params, input_pipeline.shard_batch(batch, mesh))
+    total = sums if total is None else jax.tree_util.tree_map(jnp.add, total, sums)
+  if total is None:
+    raise ValueError("the evaluation split is empty")
+  return jax.tree_util.tree_map(np.asarray, jax.device_get(total))
+
+
+def summarize(sums: dict, module, time_steps: int, sweep: tuple[int, ...] = ()) -> dict:
+  """Turns sums into metrics: accuracies in [0, 1], mean loss, tie rate, sparsity in %."""
+  n = float(sums["n"])
+  neurons = np.array([np.prod(spec.shape) for spec in module.plan()], np.float64)
+  fired = np.asarray(sums["layer_spikes"], np.float64) / (n * time_steps * neurons)
+  out = {
+      "n": int(n), "time_steps": time_steps,
+      "top1": float(sums["correct1"]) / n, "top5": float(sums["correct5"]) / n,
+      "loss": float(sums["loss"]) / n, "tie_rate": float(sums["ties"]) / n,
+      "sparsity": [float(100 * (1 - f)) for f in fired],  # % zeros per layer, layers 1..6
+  }
+  if sweep:
+    out["sweep_top1"] = {int(t): float(c) / n for t, c in zip(sweep, sums["sweep_correct1"])}
+  return out

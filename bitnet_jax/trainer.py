@@ -1,0 +1,295 @@
+"""Training: a pure, data-parallel train step and the loop around it.
+
+`train_step(state, batch) -> (state, metrics)` is jitted once, with the state donated. The batch
+is sharded over a 1-D device mesh ("data") spanning every device of every process; parameters and
+optimizer state are replicated, so XLA inserts the gradient all-reduce. Multi-host runs only need
+`jax.distributed.initialize()` first (train.py --distributed).
+
+The loop resumes from the workdir's newest checkpoint, saves periodically, each epoch and on
+SIGTERM, validates, keeps the best checkpoint by top-1, and writes metrics.jsonl (and TensorBoard
+event files when tensorboardX is installed).
+"""
+
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bitnet_jax import neuron
+from bitnet_jax import checkpointing
+from bitnet_jax import datasets
+from bitnet_jax import engines
+from bitnet_jax import evaluate as evaluate_lib
+from bitnet_jax import input_pipeline
+from bitnet_jax import losses
+from bitnet_jax import models
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array      # optimizer steps taken
+  params: Any
+  opt_state: Any
+
+
+def validate_config(config: ml_collections.ConfigDict):
+  """Rejects impossible settings before anything is built or compiled."""
+  def need(ok, msg):
+    if not ok:
+      raise ValueError(f"config: {msg}")
+  need(config.variant in models.VARIANTS,
+       f"variant must be one of {tuple(models.VARIANTS)}, got {config.variant!r}")
+  need(config.fs > 0, f"fs must be > 0, got {config.fs}")
+  neuron.get_surrogate(config.surrogate)
+  need(config.compute_dtype in DTYPES,
+       f"compute_dtype must be one of {tuple(DTYPES)}, got {config.compute_dtype!r}")
+  for field in ("time_steps", "eval_time_steps", "batch_size", "eval_batch_size", "num_epochs",
+                "log_every", "checkpoint_every", "keep_checkpoints"):
+    need(isinstance(config[field], int) and config[field] >= 1,
+         f"{field} must be an int >= 1, got {config[field]!r}")
+  engines.parse_remat(config.engine, config.remat)
+  need(config.chunk >= 0, f"chunk must be >= 0, got {config.chunk}")
+  need(config.loss in losses.LOSSES, f"loss must be one of {losses.LOSSES}, got {config.loss!r}")
+  need(config.optimizer in ("adamw", "sgd"),
+       f"optimizer must be adamw or sgd, got {config.optimizer!r}")
+  need(config.schedule in ("cosine", "constant"),
+       f"schedule must be cosine or constant, got {config.schedule!r}")
+  need(config.learning_rate > 0, f"learning_rate must be > 0, got {config.learning_rate}")
+  need(config.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {config.grad_clip}")
+  need(config.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {config.warmup_epochs}")
+  n = jax.device_count()
+  for field in ("batch_size", "eval_batch_size"):
+    need(config[field] % n == 0, f"{field}={config[field]} does not divide over the {n} "
+         f"devices; use a multiple of {n}")
+
+
+def make_module(config, info: datasets.DatasetInfo) -> models.BITnet6:
+  h, w, c = info.image_shape
+  if h != w:
+    raise ValueError(f"images must be square, dataset {info.name} has {h}x{w}")
+  return models.VARIANTS[config.variant](
+      fs=config.fs, num_classes=info.num_classes, img_size=h, in_channels=c,
+      surrogate=config.surrogate, dtype=DTYPES[config.compute_dtype])
+
+
+def make_optimizer(config, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:
+  warmup = int(round(config.warmup_epochs * steps_per_epoch))
+  if config.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup,
+                                            max(total_steps, warmup + 1))
+  else:
+    lr = optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warmup),
+                               optax.constant_schedule(config.learning_rate)], [warmup])
+  if config.optimizer == "adamw":
+    opt = optax.adamw(lr, weight_decay=config.weight_decay)
+  else:
+    opt = optax.chain(optax.add_decayed_weights(config.weight_decay),
+                      optax.sgd(lr, momentum=config.momentum, nesterov=True))
+  if config.grad_clip > 0:
+    opt = optax.chain(optax.clip_by_global_norm(config.grad_clip), opt)
+  return opt
+
+
+def make_train_step(module, config, tx, info, mesh):
+  """Builds `train_step(state, batch) -> (state, metrics)`, jitted with donation."""
+  mean, std = info.mean, info.std
+
+  def loss_fn(params, batch):
+    images = input_pipeline.normalize(batch["image"], mean, std)          # (B, H, W, C)
+    trace = engines.run(module, params, images, config.time_steps, engine=config.engine,
+                        chunk=config.chunk, remat=config.remat)
+    counts = trace.out_spikes.sum(0)                                      # (B, K)
+    loss = losses.per_example_loss(config.loss, counts, batch["label"], config.time_steps,
+                                   config.logit_scale).mean()
+    return loss, counts
+
+  def train_step(state, batch):
+    (loss, counts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss,
+               "accuracy": jnp.mean(jnp.argmax(counts, -1) == batch["label"]),
+               "output_rate": jnp.mean(counts) / config.time_steps}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(train_step, donate_argnums=0, out_shardings=(replicated, replicated))
+
+
+class MetricWriter:
+  """Appends metrics to workdir/metrics.jsonl, and to TensorBoard when tensorboardX exists."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = jax.process_index() == 0
+    self.tb = None
+    if self.enabled:
+      try:
+        import tensorboardX  # pylint: disable=import-outside-toplevel
+        self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:
+        pass
+
+  def write(self, step: int, kind: str, values: dict):
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+    if self.tb is not None:
+      for k, v in values.items():
+        if isinstance(v, (int, float)):
+          self.tb.add_scalar(f"{kind}/{k}", v, step)
+      self.tb.flush()
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag that the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, *_):
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _progress(total: int, initial: int):
+  try:
+    from tqdm import auto as tqdm  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  if jax.process_index() != 0:
+    return None
+  return tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from `workdir` when it holds a checkpoint) and returns the final metrics."""
+  validate_config(config)
+  info = datasets.get_dataset_info(config)
+  module = make_module(config, info)
+  arch = checkpointing.architecture(module)
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  replicated = NamedSharding(mesh, P())
+  steps_per_epoch = input_pipeline.steps_per_epoch(config, info)
+  total_steps = steps_per_epoch * config.num_epochs
+  if config.max_train_steps > 0:
+    total_steps = min(total_steps, config.max_train_steps)
+  tx = make_optimizer(config, steps_per_epoch, total_steps)
+
+  def init(rng):
+    dummy = jnp.zeros((1,) + info.image_shape, jnp.float32)
+    params = module.init(rng, dummy)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
+  os.makedirs(workdir, exist_ok=True)
+  ckpts = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
+  train_iter = input_pipeline.create_train_iter(config, info)
+  restored = ckpts.restore_latest(jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state), arch)
+  best_top1 = -1.0
+  if restored is not None:
+    state, data_state, meta = restored
+    train_iter.set_state(data_state)
+    best_top1 = meta.get("best_top1", -1.0)
+  start = int(state.step)
+  meta = {"config": config.to_dict(), "arch": arch, "dataset": info.name}
+
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+  if jax.process_index() == 0:
+    print(f"BITnet {arch} | {n_params:,} parameters | {info.name}: {info.num_train} train / "
+          f"{info.num_test} test | devices: {jax.device_count()} x {jax.devices()[0].platform} "
+          f"({jax.process_count()} process(es)) | {steps_per_epoch} steps/epoch, "
+          f"{total_steps} total" + (f" | resumed at step {start}" if start else ""), flush=True)
+
+  train_step = make_train_step(module, config, tx, info, mesh)
+  eval_step = evaluate_lib.make_eval_step(
+      module, time_steps=config.eval_time_steps, mean=info.mean, std=info.std, loss=config.loss,
+      logit_scale=config.logit_scale, engine=config.engine, chunk=config.chunk)
+  writer = MetricWriter(workdir)
+  preempt = _Preemption()
+  bar = _progress(total_steps, start)
+  window, window_start, t0, last_good = None, start, time.perf_counter(), start
+  result = {}
+
+  def check_window(step):
+    """Fetches the metrics summed since the last check; raises if the loss went non-finite."""
+    nonlocal window, window_start, t0, last_good
+    if window is None:
+      return None
+    values = {k: float(v) / (step - window_start) for k, v in jax.device_get(window).items()}
+    if not math.isfinite(values["loss"]):
+      raise FloatingPointError(
+          f"non-finite training loss between optimizer steps {window_start + 1} and {step}; "
+          f"the last good checkpoint (step {last_good}) in {workdir} is kept. Lower "
+          "learning_rate or set grad_clip")
+    values["images_per_s"] = (step - window_start) * config.batch_size / (
+        time.perf_counter() - t0)
+    window, window_start, t0, last_good = None, step, time.perf_counter(), step
+    return values
+
+  def save(step, best=False):
+    ckpts.save(step, state, train_iter.get_state(), dict(meta, best_top1=best_top1), best=best)
+
+  try:
+    for step in range(start + 1, total_steps + 1):
+      batch = input_pipeline.shard_batch(next(train_iter), mesh)
+      state, metrics = train_step(state, batch)
+      window = metrics if window is None else jax.tree_util.tree_map(jnp.add, window, metrics)
+      end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+      if step % config.log_every == 0 or end_of_epoch or preempt.requested:
+        values = check_window(step)
+        writer.write(step, "train", values)
+        if bar is not None:
+          bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}",
+                          img_s=f"{values['images_per_s']:.0f}")
+      if bar is not None:
+        bar.update(1)
+      epoch = step // steps_per_epoch
+      validate = step == total_steps or (end_of_epoch and config.eval_every_epochs > 0 and
+                                         epoch % config.eval_every_epochs == 0)
+      is_best = False
+      if validate:
+        result = evaluate_lib.summarize(
+            evaluate_lib.evaluate(eval_step, state.params,
+                                  input_pipeline.create_eval_iter(config, info), mesh),
+            module, config.eval_time_steps)
+        result["epoch"] = step / steps_per_epoch
+        writer.write(step, "eval", {k: v for k, v in result.items() if k != "sparsity"})
+        is_best = result["top1"] > best_top1
+        best_top1 = max(best_top1, result["top1"])
+        if jax.process_index() == 0:
+          msg = (f"step {step} (epoch {result['epoch']:.2f}): top-1 {result['top1']:.4f}, "
+                 f"top-5 {result['top5']:.4f}, loss {result['loss']:.4f} "
+                 f"(T={config.eval_time_steps}, {result['n']} test images)")
+          (bar.write if bar is not None else print)(msg)
+      if step % config.checkpoint_every == 0 or end_of_epoch or preempt.requested:
+        check_window(step)  # never checkpoint a non-finite state
+        save(step, best=is_best)
+      if preempt.requested:
+        ckpts.wait()
+        print(f"SIGTERM: saved step {step} to {workdir}; rerun the same command to resume",
+              flush=True)
+        break
+  finally:
+    ckpts.wait()
+    ckpts.close()
+    preempt.restore()
+    if bar is not None:
+      bar.close()
+  return result

@@ -1,0 +1,57 @@
+"""Base configuration: every field, its unit and meaning. Variants import it and change fields.
+
+Not meant to be run as it is (it trains the seed's CIFAR-10 model): pick a variant in configs/.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Data (bitnet_jax/datasets.py, input_pipeline.py).
+  c.dataset = "cifar10"           # cifar10 | cifar100 | fashion_mnist | mnist | tiny_imagenet | npz | synthetic
+  c.data_dir = ""                 # local files (see README), TFDS data dir, or the .npz path; "" = TFDS default
+  c.augment = "none"              # none (the release's loaders) | crop_flip (pad-4 crop + h-flip)
+  c.max_train_examples = -1       # use only the first N training examples; -1 = whole split
+  c.max_eval_examples = -1        # use only the first N test examples; -1 = whole split
+  c.num_workers = 0               # grain worker processes; 0 = read in the training process
+  c.synthetic_num_train = 1024    # synthetic only: training examples
+  c.synthetic_num_test = 256      # synthetic only: test examples
+  c.synthetic_num_classes = 10    # synthetic only: classes
+  c.synthetic_image_shape = (32, 32, 3)  # synthetic only: (H, W, C)
+
+  # Model (bitnet_jax/models.py).
+  c.variant = "BITnet6"           # BITnet6 | BITnet6_v101
+  c.fs = 4.0                      # feature scale: channels int(64*fs), ..., int(512*fs)
+  c.surrogate = "ste"             # bddi surrogate gradient: ste | triangle | sigmoid | atan [":param"]
+  c.compute_dtype = "float32"     # float32 | bfloat16 (convolutions; params and membranes stay float32)
+
+  # Time steps (bitnet_jax/engines.py).
+  c.time_steps = 50               # time steps T per image in training
+  c.eval_time_steps = 50          # time steps T at evaluation (train.py/eval.py --steps N overrides)
+  c.engine = "parallel"           # parallel | scan (same results; parallel is faster)
+  c.chunk = 0                     # parallel engine: time steps per chunk (bounds memory); 0 = all T at once
+  c.remat = "none"                # what backprop keeps: parallel: none | chunk; scan: none | step | every:K
+
+  # Optimisation (bitnet_jax/trainer.py).
+  c.loss = "mse_rate"             # mse_rate (the release: MSE of min(counts, T)/T vs one-hot) | xent_rate
+  c.logit_scale = 10.0            # xent_rate: logits = logit_scale * counts / T
+  c.optimizer = "adamw"           # adamw | sgd (with Nesterov momentum)
+  c.learning_rate = 1e-3          # peak learning rate
+  c.momentum = 0.9                # sgd only
+  c.weight_decay = 5e-4           # decoupled (adamw) or L2 added to the gradient (sgd)
+  c.grad_clip = 1.0               # clip the global gradient norm to this; 0 = off
+  c.warmup_epochs = 1.0           # linear warm-up, in epochs (fractions allowed)
+  c.schedule = "cosine"           # cosine (to 0 at the end) | constant (after warm-up)
+  c.batch_size = 32               # global batch (all devices, all hosts)
+  c.eval_batch_size = 32          # global evaluation batch (the last batch is padded, never dropped)
+  c.num_epochs = 200              # passes over the training split
+  c.seed = 0                      # parameter init, data order and augmentation
+
+  # Loop, logging and checkpoints.
+  c.log_every = 50                # optimizer steps between log lines (also the non-finite-loss check)
+  c.eval_every_epochs = 1         # epochs between validations; 0 = only at the end
+  c.checkpoint_every = 1000       # optimizer steps between checkpoints (one is also saved each epoch)
+  c.keep_checkpoints = 2          # latest checkpoints kept in workdir/checkpoints (the best is kept apart)
+  c.max_train_steps = -1          # stop after this many optimizer steps (smoke runs); -1 = num_epochs
+  return c

@@ -1,0 +1,29 @@
+"""Shared test setup: CPU only, seeded tiny models."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (after the platform is chosen)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import bitnet_jax  # noqa: E402
+
+
+def firing_params(params, gain=2.0):
+  """Scales a fresh init so that every layer fires, like a trained network (sparse, not silent)."""
+  return jax.tree_util.tree_map(lambda a: a * gain, params)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+  """fs=0.25, 10 classes, 32x32 RGB, parameters that make every layer spike."""
+  model = bitnet_jax.create_model(fs=0.25, num_classes=10, seed=0)
+  return model.replace(params=firing_params(model.params))
+
+
+@pytest.fixture(scope="session")
+def images():
+  """(4, 32, 32, 3) normalised-looking images."""
+  return np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)

@@ -1,0 +1,46 @@
+"""Trains a BITnet: `python train.py --config configs/quickstart.py [--workdir DIR] [--steps N]`.
+
+Thin entry point: the logic lives in `bitnet_jax.trainer` so it can be imported in Colab.
+  --config.<field>=<value>  overrides any config field (unknown fields are rejected);
+  --steps N                 time steps T at evaluation (the periodic validation): shorthand for
+                            --config.eval_time_steps=N, and wins over it if both are given.
+                            The training time steps are --config.time_steps.
+  --workdir DIR             checkpoints, metrics.jsonl and TensorBoard files; rerunning with the
+                            same workdir resumes. Default: workdirs/<config file name>.
+  --distributed             call jax.distributed.initialize() first (multi-host GPU/TPU runs).
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default workdirs/<config name>.")
+_STEPS = flags.DEFINE_integer("steps", None, "Time steps at evaluation (overrides "
+                              "config.eval_time_steps).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  import jax  # pylint: disable=import-outside-toplevel
+  from bitnet_jax import trainer  # pylint: disable=import-outside-toplevel
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  config = _CONFIG.value
+  if _STEPS.value is not None:
+    with config.unlocked():
+      config.eval_time_steps = _STEPS.value
+  name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+  trainer.train_and_evaluate(config, _WORKDIR.value or os.path.join("workdirs", name))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
