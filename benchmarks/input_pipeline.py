@@ -24,7 +24,7 @@ from bitnet_jax import input_pipeline
 
 def _config(image_shape, num_train, augment, workers, batch_size):
   return ml_collections.ConfigDict(dict(
-      dataset='synthetic', data_dir=None, seed=0, batch_size=batch_size, eval_batch_size=batch_size,
+      dataset="synthetic", data_dir=None, seed=0, batch_size=batch_size, eval_batch_size=batch_size,
       augment=augment, num_workers=workers, max_train_examples=-1, max_eval_examples=-1,
       synthetic_num_train=num_train, synthetic_num_test=batch_size,
       synthetic_num_classes=10, synthetic_image_shape=image_shape))
@@ -36,30 +36,30 @@ def measure(config, batches: int, warmup: int = 20) -> float:
   for _ in itertools.islice(it, warmup):
     pass
   start = time.perf_counter()
-  images = sum(len(b['label']) for b in itertools.islice(it, batches))
+  images = sum(len(b["label"]) for b in itertools.islice(it, batches))
   seconds = time.perf_counter() - start
-  if hasattr(it, 'close'):
+  if hasattr(it, "close"):
     it.close()
   return images / seconds
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--batches', type=int, default=300, help='timed batches per row')
-  parser.add_argument('--batch_size', type=int, default=128)
-  parser.add_argument('--workers', type=int, nargs='+', default=[0, 2],
-                      help='config.num_workers values to try')
+  parser.add_argument("--batches", type=int, default=300, help="timed batches per row")
+  parser.add_argument("--batch_size", type=int, default=128)
+  parser.add_argument("--workers", type=int, nargs="+", default=[0, 2],
+                      help="config.num_workers values to try")
   args = parser.parse_args()
   rows = [((32, 32, 3), 50_000), ((64, 64, 3), 10_000)]
   print(f'{"dataset shape":>15} {"examples":>9} {"augment":>10} {"workers":>8} {"images/s":>10}')
-  for (shape, num_train), augment, workers in itertools.product(rows, ('none', 'crop_flip'),
+  for (shape, num_train), augment, workers in itertools.product(rows, ("none", "crop_flip"),
                                                                  args.workers):
     config = _config(shape, num_train, augment, workers, args.batch_size)
     datasets.get_dataset_info(config)  # generate the data outside the timing
     rate = measure(config, args.batches)
     print(f'{"x".join(map(str, shape)):>15} {num_train:>9} {augment:>10} {workers:>8} '
-          f'{rate:>10,.0f}', flush=True)
+          f"{rate:>10,.0f}", flush=True)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   main()

@@ -16,7 +16,7 @@ classes, the image shape, split sizes and the normalisation statistics.
     not, directly in `data_dir`). They are small, so they are decoded into memory once.
     If only some of those files are there, that is an error (naming the missing ones), not a
     silent switch to TFDS.
-  - **TFDS** otherwise (including `data_dir=None`), with `data_dir` as the TFDS data dir:
+  - **TFDS** otherwise, with `data_dir` as the TFDS data dir ('' or None: TFDS's default):
     `tfds.data_source` opens the prepared array_record files for random access; records are
     read and decoded per batch, so nothing is loaded up front and no TensorFlow is needed to
     *read*. Preparing a dataset the first time needs network access (and, for some datasets,
@@ -48,29 +48,36 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-DATASETS = ('cifar10', 'cifar100', 'fashion_mnist', 'mnist', 'tiny_imagenet', 'npz',
-            'synthetic')
-SPLITS = ('train', 'test')
+DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist", "tiny_imagenet", "npz",
+            "synthetic")
+SPLITS = ("train", "test")
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2471, 0.2435, 0.2616)
 TINY_IMAGENET_MEAN = (0.4802, 0.4481, 0.3975)
 TINY_IMAGENET_STD = (0.2302, 0.2265, 0.2262)
 
-_MNIST_FAMILY = ('mnist', 'fashion_mnist')
-_NUM_CLASSES = {'cifar10': 10, 'cifar100': 100, 'mnist': 10, 'fashion_mnist': 10,
-                'tiny_imagenet': 200}
-_IMAGE_SHAPE = {'cifar10': (32, 32, 3), 'cifar100': (32, 32, 3), 'mnist': (32, 32, 1),
-                'fashion_mnist': (32, 32, 1), 'tiny_imagenet': (64, 64, 3)}
-_FIXED_STATS = {'cifar10': (CIFAR_MEAN, CIFAR_STD), 'cifar100': (CIFAR_MEAN, CIFAR_STD),
-                'tiny_imagenet': (TINY_IMAGENET_MEAN, TINY_IMAGENET_STD)}
+_MNIST_FAMILY = ("mnist", "fashion_mnist")
+_TFDS_NAMES = ("cifar10", "cifar100", "fashion_mnist", "mnist")
+_CIFAR_FOLDER = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+_CIFAR_FILES = {"cifar10": {"train": [f"data_batch_{i}" for i in range(1, 6)],
+                            "test": ["test_batch"]},
+                "cifar100": {"train": ["train"], "test": ["test"]}}
+_CIFAR_LABEL_KEY = {"cifar10": "labels", "cifar100": "fine_labels"}
+_IDX_PREFIX = {"train": "train", "test": "t10k"}
+_NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10,
+                "tiny_imagenet": 200}
+_IMAGE_SHAPE = {"cifar10": (32, 32, 3), "cifar100": (32, 32, 3), "mnist": (32, 32, 1),
+                "fashion_mnist": (32, 32, 1), "tiny_imagenet": (64, 64, 3)}
+_FIXED_STATS = {"cifar10": (CIFAR_MEAN, CIFAR_STD), "cifar100": (CIFAR_MEAN, CIFAR_STD),
+                "tiny_imagenet": (TINY_IMAGENET_MEAN, TINY_IMAGENET_STD)}
 
 # Defaults of the optional config fields read here.
 SYNTHETIC_DEFAULTS = {
-    'synthetic_num_train': 1024,            # training examples
-    'synthetic_num_test': 256,              # test examples
-    'synthetic_num_classes': 10,            # classes
-    'synthetic_image_shape': (32, 32, 3),   # (H, W, C), C in {1, 3}
+    "synthetic_num_train": 1024,            # training examples
+    "synthetic_num_test": 256,              # test examples
+    "synthetic_num_classes": 10,            # classes
+    "synthetic_image_shape": (32, 32, 3),   # (H, W, C), C in {1, 3}
 }
 
 
@@ -98,7 +105,7 @@ class DatasetInfo:
   def num_examples(self, split: str) -> int:
     """Size of the whole `split` ('train' or 'test')."""
     _check_split(split)
-    return self.num_train if split == 'train' else self.num_test
+    return self.num_train if split == "train" else self.num_test
 
 
 class Source(Protocol):
@@ -130,7 +137,7 @@ class ArraySource:
     return len(self.labels)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return {'image': self.images[index], 'label': self.labels[index]}
+    return {"image": self.images[index], "label": self.labels[index]}
 
   def read(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return self.images[ids], self.labels[ids]
@@ -151,17 +158,17 @@ class TfdsSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     images, labels = self.read(np.asarray([index]))
-    return {'image': images[0], 'label': labels[0]}
+    return {"image": images[0], "label": labels[0]}
 
   def read_raw(self, ids: np.ndarray) -> np.ndarray:
     """Returns the stored images (b, H, W, C) of `ids`, before any padding."""
-    return np.stack([self._source[int(i)]['image'] for i in ids])
+    return np.stack([self._source[int(i)]["image"] for i in ids])
 
   def read(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     records = [self._source[int(i)] for i in ids]
-    images = np.stack([r['image'] for r in records])  # (b, H, W, C)
-    labels = np.asarray([r['label'] for r in records], np.int32)  # (b,)
-    where = f'TFDS {self._name!r} split {self._split!r}'
+    images = np.stack([r["image"] for r in records])  # (b, H, W, C)
+    labels = np.asarray([r["label"] for r in records], np.int32)  # (b,)
+    where = f"TFDS {self._name!r} split {self._split!r}"
     _check_images(images, where, channels=_IMAGE_SHAPE[self._name][-1])
     _check_labels(labels, self._num_classes, where)
     if self._pad:
@@ -181,7 +188,7 @@ class ImageFileSource:
     return len(self.paths)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return {'image': self._decode(self.paths[index]), 'label': self.labels[index]}
+    return {"image": self._decode(self.paths[index]), "label": self.labels[index]}
 
   def read(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     images = np.empty((len(ids),) + self.image_shape, np.uint8)  # (b, H, W, 3)
@@ -193,11 +200,11 @@ class ImageFileSource:
     from PIL import Image  # pylint: disable=import-outside-toplevel
     try:
       with Image.open(path) as img:
-        image = np.asarray(img.convert('RGB'))  # grayscale JPEGs -> 3 equal channels
+        image = np.asarray(img.convert("RGB"))  # grayscale JPEGs -> 3 equal channels
     except (OSError, ValueError) as e:
-      raise ValueError(f'Cannot decode image {path}: {e}') from e
+      raise ValueError(f"Cannot decode image {path}: {e}") from e
     if image.shape != self.image_shape:
-      raise ValueError(f'Image {path} has shape {image.shape}, expected {self.image_shape}.')
+      raise ValueError(f"Image {path} has shape {image.shape}, expected {self.image_shape}.")
     return image
 
 
@@ -228,7 +235,7 @@ def get_dataset_info(config) -> DatasetInfo:
       mean, std = _stats_in_chunks(train)
     return DatasetInfo(name, _NUM_CLASSES[name], _IMAGE_SHAPE[name], len(train), len(test),
                        mean, std)
-  if name == 'tiny_imagenet':
+  if name == "tiny_imagenet":
     train, test = (get_source(config, s) for s in SPLITS)
     return DatasetInfo(name, 200, train.image_shape, len(train), len(test),
                        TINY_IMAGENET_MEAN, TINY_IMAGENET_STD)
@@ -248,8 +255,8 @@ def get_source(config, split: str) -> Source:
   name = _check_name(config)
   _check_split(split)
   if name in _TFDS_NAMES and _local_dir(config) is None:
-    return _open_tfds(name, split, config.get('data_dir', None))
-  if name == 'tiny_imagenet':
+    return _open_tfds(name, split, config.get("data_dir") or None)
+  if name == "tiny_imagenet":
     return _tiny_imagenet_sources(_tiny_imagenet_root(config))[split]
   return _load_in_memory(*_memory_key(config)).sources[split]
 
@@ -265,44 +272,42 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
 
 
 # ------------------------------------------------------------------------------------------
-# Config fields and checks.
-
-
+# Config checks.
 
 
 def _check_name(config) -> str:
-  name = config.get('dataset', None)
+  name = config.get("dataset", None)
   if name not in DATASETS:
-    raise ValueError(f'Unknown dataset {name!r}; valid config.dataset values: '
+    raise ValueError(f"Unknown dataset {name!r}; valid config.dataset values: "
                      f'{", ".join(DATASETS)}.')
   return name
 
 
 def _check_split(split: str) -> None:
   if split not in SPLITS:
-    raise ValueError(f'Unknown split {split!r}; expected one of {SPLITS}.')
+    raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
 
 
 def _check_images(images: np.ndarray, where: str, channels: int | None = None) -> None:
   """Checks uint8 (N, H, W, C) with C in {1, 3} (or == `channels`)."""
   if images.dtype != np.uint8:
-    raise ValueError(f'{where}: images must be uint8, found {images.dtype}.')
+    raise ValueError(f"{where}: images must be uint8, found {images.dtype}.")
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f'{where}: images must have shape (N, H, W) or (N, H, W, C) with C in '
-                     f'{{1, 3}}, found {images.shape}.')
+    raise ValueError(f"{where}: images must have shape (N, H, W) or (N, H, W, C) with C in "
+                     f"{{1, 3}}, found {images.shape}.")
   if channels is not None and images.shape[-1] != channels:
-    raise ValueError(f'{where}: expected {channels} channel(s), found {images.shape}.')
+    raise ValueError(f"{where}: expected {channels} channel(s), found {images.shape}.")
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(f'{where}: labels must be in [0, {num_classes}), found '
-                     f'[{labels.min()}, {labels.max()}].')
+    raise ValueError(f"{where}: labels must be in [0, {num_classes}), found "
+                     f"[{labels.min()}, {labels.max()}].")
 
 
 def _check_exists(path: str, what: str) -> None:
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{what} not found: {path}')
+    raise FileNotFoundError(f"{what} not found: {path}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -318,14 +323,14 @@ class _InMemory:
 def _memory_key(config) -> tuple:
   """The hashable part of `config` that determines an in-memory dataset."""
   name = _check_name(config)
-  if name == 'synthetic':
+  if name == "synthetic":
     fields = tuple(config.get(k, v) for k, v in SYNTHETIC_DEFAULTS.items())
     return name, None, (fields[0], fields[1], fields[2], tuple(fields[3]))
-  if name == 'npz':
-    data_dir = config.get('data_dir', None)
+  if name == "npz":
+    data_dir = config.get("data_dir", None)
     if not data_dir:
       raise ValueError("config.dataset='npz' needs config.data_dir = path of a .npz file with "
-                       'x_train, y_train, x_test, y_test.')
+                       "x_train, y_train, x_test, y_test.")
     return name, os.path.abspath(os.path.expanduser(data_dir)), None
   return name, _local_dir(config), None
 
@@ -333,28 +338,28 @@ def _memory_key(config) -> tuple:
 @functools.lru_cache(maxsize=2)
 def _load_in_memory(name: str, path: str | None, synthetic: tuple | None) -> _InMemory:
   """Loads both splits; cached so that info and the iterators share one copy."""
-  if name == 'synthetic':
+  if name == "synthetic":
     splits, num_classes = _make_synthetic(*synthetic)
-  elif name == 'npz':
+  elif name == "npz":
     splits, num_classes = _read_npz(path)
   elif name in _MNIST_FAMILY:
     splits, num_classes = _read_idx_dir(path), 10
   else:
     splits, num_classes = _read_cifar_dir(name, path), _NUM_CLASSES[name]
   for split, (images, labels) in splits.items():
-    where = f'{name} {split} split ({path})' if path else f'{name} {split} split'
+    where = f"{name} {split} split ({path})" if path else f"{name} {split} split"
     _check_images(images, where)
     _check_labels(labels, num_classes, where)
   if name in _FIXED_STATS:
     mean, std = _FIXED_STATS[name]
   else:
-    mean, std = channel_stats(splits['train'][0])
+    mean, std = channel_stats(splits["train"][0])
   if name in _MNIST_FAMILY:
     splits = {s: (pad_28_to_32(x), y) for s, (x, y) in splits.items()}
-  train, test = splits['train'], splits['test']
+  train, test = splits["train"], splits["test"]
   if train[0].shape[1:] != test[0].shape[1:]:
-    raise ValueError(f'{name}: train images {train[0].shape[1:]} and test images '
-                     f'{test[0].shape[1:]} differ in shape ({path}).')
+    raise ValueError(f"{name}: train images {train[0].shape[1:]} and test images "
+                     f"{test[0].shape[1:]} differ in shape ({path}).")
   info = DatasetInfo(name, num_classes, tuple(train[0].shape[1:]), len(train[1]), len(test[1]),
                      mean, std)
   return _InMemory(info, {s: ArraySource(x, y) for s, (x, y) in splits.items()})
@@ -364,18 +369,18 @@ def _make_synthetic(num_train: int, num_test: int, num_classes: int,
                     image_shape: tuple[int, ...]) -> tuple[dict, int]:
   """Class-dependent random images: class prototype (4x4 pattern, upsampled) + noise."""
   if len(image_shape) != 3 or image_shape[-1] not in (1, 3) or min(image_shape) < 1:
-    raise ValueError(f'synthetic_image_shape must be (H, W, C) with C in {{1, 3}}, found '
-                     f'{image_shape}.')
+    raise ValueError(f"synthetic_image_shape must be (H, W, C) with C in {{1, 3}}, found "
+                     f"{image_shape}.")
   if num_train < 1 or num_test < 1 or num_classes < 2:
-    raise ValueError('synthetic_num_train/num_test must be >= 1 and synthetic_num_classes '
-                     f'>= 2, found {num_train}, {num_test}, {num_classes}.')
+    raise ValueError("synthetic_num_train/num_test must be >= 1 and synthetic_num_classes "
+                     f">= 2, found {num_train}, {num_test}, {num_classes}.")
   h, w, c = image_shape
   rng = np.random.default_rng(0)
   patterns = rng.integers(32, 224, (num_classes, 4, 4, c)).astype(np.int16)
   rows, cols = np.arange(h) * 4 // h, np.arange(w) * 4 // w
   prototypes = patterns[:, rows][:, :, cols]  # (classes, H, W, C)
   splits = {}
-  for seed, (split, n) in enumerate((('train', num_train), ('test', num_test)), start=1):
+  for seed, (split, n) in enumerate((("train", num_train), ("test", num_test)), start=1):
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % num_classes).astype(np.int32)  # balanced
     images = np.empty((n, h, w, c), np.uint8)
@@ -389,32 +394,32 @@ def _make_synthetic(num_train: int, num_test: int, num_classes: int,
 
 def _read_npz(path: str) -> tuple[dict, int]:
   """Reads x_train, y_train, x_test, y_test from one .npz file."""
-  _check_exists(path, 'npz file (config.data_dir)')
-  keys = ('x_train', 'y_train', 'x_test', 'y_test')
+  _check_exists(path, "npz file (config.data_dir)")
+  keys = ("x_train", "y_train", "x_test", "y_test")
   try:
     with np.load(path, allow_pickle=False) as npz:
       if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise ValueError('a single .npy array, not an .npz archive')
+        raise ValueError("a single .npy array, not an .npz archive")
       missing = [k for k in keys if k not in npz.files]
       if missing:
-        raise ValueError(f'missing arrays {missing} (found {npz.files}); expected {list(keys)}')
+        raise ValueError(f"missing arrays {missing} (found {npz.files}); expected {list(keys)}")
       arrays = {k: npz[k] for k in keys}
   except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-    raise ValueError(f'Cannot read npz file {path}: {e}.') from e
+    raise ValueError(f"Cannot read npz file {path}: {e}.") from e
   splits = {}
   for split in SPLITS:
-    x, y = arrays[f'x_{split}'], arrays[f'y_{split}']
+    x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
     if x.ndim == 3:
       x = x[..., None]  # (N, H, W) -> (N, H, W, 1)
-    _check_images(x, f'{path} x_{split}')
+    _check_images(x, f"{path} x_{split}")
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-      raise ValueError(f'{path}: y_{split} must be a 1-D integer array, found shape {y.shape} '
-                       f'dtype {y.dtype}.')
+      raise ValueError(f"{path}: y_{split} must be a 1-D integer array, found shape {y.shape} "
+                       f"dtype {y.dtype}.")
     if len(y) != len(x):
-      raise ValueError(f'{path}: x_{split} has {len(x)} images but y_{split} has {len(y)} '
-                       'labels.')
+      raise ValueError(f"{path}: x_{split} has {len(x)} images but y_{split} has {len(y)} "
+                       "labels.")
     if y.size and y.min() < 0:
-      raise ValueError(f'{path}: y_{split} labels must be >= 0, found {y.min()}.')
+      raise ValueError(f"{path}: y_{split} labels must be >= 0, found {y.min()}.")
     splits[split] = (x, y.astype(np.int32))
   num_classes = int(max(y.max(initial=0) for _, y in splits.values())) + 1
   return splits, num_classes
@@ -423,21 +428,12 @@ def _read_npz(path: str) -> tuple[dict, int]:
 # ------------------------------------------------------------------------------------------
 # Local files in their distributed form: detection.
 
-_TFDS_NAMES = ('cifar10', 'cifar100', 'fashion_mnist', 'mnist')
-_CIFAR_FOLDER = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}
-_CIFAR_FILES = {'cifar10': {'train': [f'data_batch_{i}' for i in range(1, 6)],
-                            'test': ['test_batch']},
-                'cifar100': {'train': ['train'], 'test': ['test']}}
-_CIFAR_LABEL_KEY = {'cifar10': 'labels', 'cifar100': 'fine_labels'}
-_IDX_PREFIX = {'train': 'train', 'test': 't10k'}
-
-
 def _local_files(name: str) -> list[str]:
   """The file names that make up the distributed form of `name` (for messages)."""
   if name in _CIFAR_FOLDER:
-    return [f'{_CIFAR_FOLDER[name]}/{f}' for fs in _CIFAR_FILES[name].values() for f in fs]
-  return [f'{_IDX_PREFIX[s]}-{k}-ubyte[.gz]' for s in SPLITS
-          for k in ('images-idx3', 'labels-idx1')]
+    return [f"{_CIFAR_FOLDER[name]}/{f}" for fs in _CIFAR_FILES[name].values() for f in fs]
+  return [f"{_IDX_PREFIX[s]}-{k}-ubyte[.gz]" for s in SPLITS
+          for k in ("images-idx3", "labels-idx1")]
 
 
 def _local_dir(config) -> str | None:
@@ -447,15 +443,15 @@ def _local_dir(config) -> str | None:
     FileNotFoundError: if `data_dir` does not exist, or holds only part of the files.
   """
   name = _check_name(config)
-  data_dir = config.get('data_dir', None)
+  data_dir = config.get("data_dir", None)
   if not data_dir:
     return None
   data_dir = os.path.abspath(os.path.expanduser(data_dir))
   if not os.path.isdir(data_dir):
     raise FileNotFoundError(
-        f'config.data_dir does not exist or is not a folder: {data_dir}. Point it at the '
+        f"config.data_dir does not exist or is not a folder: {data_dir}. Point it at the "
         f'local files of {name!r} ({", ".join(_local_files(name))}) or at a TFDS data dir '
-        '(create it first for a TFDS download), or leave it empty for the default TFDS dir.')
+        "(create it first for a TFDS download), or leave it empty for the default TFDS dir.")
   if name in _CIFAR_FOLDER:
     folder, files = _CIFAR_FOLDER[name], sum(_CIFAR_FILES[name].values(), [])
     if os.path.basename(data_dir) == folder:
@@ -468,15 +464,15 @@ def _local_dir(config) -> str | None:
       return None
     missing = [f for f in files if not os.path.isfile(os.path.join(root, f))]
     if missing:
-      raise FileNotFoundError(f'{root} is missing {name} files {missing}; expected {files} '
-                              f'(the extracted python version of {name}).')
+      raise FileNotFoundError(f"{root} is missing {name} files {missing}; expected {files} "
+                              f"(the extracted python version of {name}).")
     return root
   found = {k: p for s in SPLITS for k, p in _idx_paths(data_dir, s).items()}
   if all(p is None for p in found.values()):
     return None
   missing = [k for k, p in found.items() if p is None]
   if missing:
-    raise FileNotFoundError(f'{data_dir} holds some {name} IDX files but is missing '
+    raise FileNotFoundError(f"{data_dir} holds some {name} IDX files but is missing "
                             f'{[k + "[.gz]" for k in missing]}.')
   return data_dir
 
@@ -484,10 +480,10 @@ def _local_dir(config) -> str | None:
 def _idx_paths(folder: str, split: str) -> dict[str, str | None]:
   """{file name: path of the IDX file (gzipped or not), None if absent} for `split`."""
   out = {}
-  for kind in ('images-idx3', 'labels-idx1'):
-    name = f'{_IDX_PREFIX[split]}-{kind}-ubyte'
+  for kind in ("images-idx3", "labels-idx1"):
+    name = f"{_IDX_PREFIX[split]}-{kind}-ubyte"
     base = os.path.join(folder, name)
-    out[name] = next((p for p in (base + '.gz', base) if os.path.isfile(p)), None)
+    out[name] = next((p for p in (base + ".gz", base) if os.path.isfile(p)), None)
   return out
 
 
@@ -498,14 +494,14 @@ def _idx_paths(folder: str, split: str) -> dict[str, str | None]:
 class _ArrayUnpickler(pickle.Unpickler):
   """Unpickles only plain containers and numpy arrays (a pickle can run arbitrary code)."""
 
-  _ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
-              ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}
+  _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+              ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
   def find_class(self, module: str, name: str):
     if (module, name) not in self._ALLOWED:
-      raise pickle.UnpicklingError(f'refusing to load {module}.{name}')
-    if module == 'numpy.core.multiarray':
-      module = 'numpy._core.multiarray'  # NumPy 2 name of the NumPy 1 module
+      raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+    if module == "numpy.core.multiarray":
+      module = "numpy._core.multiarray"  # NumPy 2 name of the NumPy 1 module
     return super().find_class(module, name)
 
 
@@ -513,24 +509,24 @@ def _read_cifar_pickle(path: str, label_key: str, num_classes: int) -> tuple[np.
                                                                              np.ndarray]:
   """Reads one CIFAR python batch: images uint8 (N, 32, 32, 3), labels int32 (N,)."""
   try:
-    with open(path, 'rb') as f:
-      batch = _ArrayUnpickler(f, encoding='bytes').load()
+    with open(path, "rb") as f:
+      batch = _ArrayUnpickler(f, encoding="bytes").load()
   except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-    raise ValueError(f'Cannot read CIFAR batch {path} (truncated or not a CIFAR python '
-                     f'pickle): {e}') from e
+    raise ValueError(f"Cannot read CIFAR batch {path} (truncated or not a CIFAR python "
+                     f"pickle): {e}") from e
   if not isinstance(batch, dict):
-    raise ValueError(f'{path}: expected a dict, found {type(batch).__name__}.')
-  batch = {k.decode('latin1') if isinstance(k, bytes) else k: v for k, v in batch.items()}
-  missing = [k for k in ('data', label_key) if k not in batch]
+    raise ValueError(f"{path}: expected a dict, found {type(batch).__name__}.")
+  batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+  missing = [k for k in ("data", label_key) if k not in batch]
   if missing:
-    raise ValueError(f'{path}: CIFAR batch is missing keys {missing} (found {sorted(batch)}).')
-  data = np.asarray(batch['data'])
+    raise ValueError(f"{path}: CIFAR batch is missing keys {missing} (found {sorted(batch)}).")
+  data = np.asarray(batch["data"])
   labels = np.asarray(batch[label_key])
   if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
     raise ValueError(f'{path}: "data" must be uint8 (N, 3072), found {data.dtype} '
-                     f'{data.shape}.')
+                     f"{data.shape}.")
   if labels.shape != (len(data),):
-    raise ValueError(f'{path}: {len(data)} images but {labels.size} labels.')
+    raise ValueError(f"{path}: {len(data)} images but {labels.size} labels.")
   images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3), channel-last
   labels = labels.astype(np.int32)
   _check_labels(labels, num_classes, path)
@@ -558,25 +554,25 @@ def read_idx(path: str) -> np.ndarray:
   Raises:
     ValueError: on a bad magic number, a non-uint8 type or a size that does not match.
   """
-  with open(path, 'rb') as f:
-    gzipped = f.read(2) == b'\x1f\x8b'
+  with open(path, "rb") as f:
+    gzipped = f.read(2) == b"\x1f\x8b"
   try:
-    with (gzip.open if gzipped else open)(path, 'rb') as f:
+    with (gzip.open if gzipped else open)(path, "rb") as f:
       raw = f.read()
   except (OSError, EOFError) as e:
-    raise ValueError(f'Cannot read IDX file {path} (corrupt or truncated gzip): {e}') from e
-  if len(raw) < 4 or raw[:2] != b'\x00\x00' or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
-    raise ValueError(f'{path} is not an IDX file of unsigned bytes: magic {raw[:4].hex()!r}, '
+    raise ValueError(f"Cannot read IDX file {path} (corrupt or truncated gzip): {e}") from e
+  if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
+    raise ValueError(f"{path} is not an IDX file of unsigned bytes: magic {raw[:4].hex()!r}, "
                      "expected '000008' followed by the number of dimensions (01 or 03).")
   ndim = raw[3]
   header = 4 + 4 * ndim
   if len(raw) < header:
-    raise ValueError(f'{path}: truncated IDX header.')
-  shape = tuple(int(d) for d in np.frombuffer(raw, '>u4', count=ndim, offset=4))
+    raise ValueError(f"{path}: truncated IDX header.")
+  shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
   expected = int(np.prod(shape))
   if len(raw) - header != expected:
-    raise ValueError(f'{path}: IDX header says shape {shape} ({expected} bytes of data) but '
-                     f'the file holds {len(raw) - header} bytes (truncated or corrupt).')
+    raise ValueError(f"{path}: IDX header says shape {shape} ({expected} bytes of data) but "
+                     f"the file holds {len(raw) - header} bytes (truncated or corrupt).")
   return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
 
 
@@ -586,10 +582,10 @@ def _read_idx_dir(folder: str) -> dict:
     images_path, labels_path = _idx_paths(folder, split).values()
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.shape[1:] != (28, 28):
-      raise ValueError(f'{images_path}: expected images (N, 28, 28), found {images.shape}.')
+      raise ValueError(f"{images_path}: expected images (N, 28, 28), found {images.shape}.")
     if labels.ndim != 1 or len(labels) != len(images):
-      raise ValueError(f'{labels_path}: expected {len(images)} labels (N,) to match '
-                       f'{images_path}, found shape {labels.shape}.')
+      raise ValueError(f"{labels_path}: expected {len(images)} labels (N,) to match "
+                       f"{images_path}, found shape {labels.shape}.")
     labels = labels.astype(np.int32)
     _check_labels(labels, 10, labels_path)
     splits[split] = (images[..., None], labels)  # (N, 28, 28, 1)
@@ -597,56 +593,56 @@ def _read_idx_dir(folder: str) -> dict:
 
 
 def _tiny_imagenet_root(config) -> str:
-  data_dir = config.get('data_dir', None)
+  data_dir = config.get("data_dir", None)
   if not data_dir:
     raise ValueError("config.dataset='tiny_imagenet' needs config.data_dir = the extracted "
-                     'tiny-imagenet-200/ folder (or its parent).')
+                     "tiny-imagenet-200/ folder (or its parent).")
   data_dir = os.path.abspath(os.path.expanduser(data_dir))
-  for root in (data_dir, os.path.join(data_dir, 'tiny-imagenet-200')):
-    if os.path.isfile(os.path.join(root, 'wnids.txt')):
+  for root in (data_dir, os.path.join(data_dir, "tiny-imagenet-200")):
+    if os.path.isfile(os.path.join(root, "wnids.txt")):
       return root
-  raise FileNotFoundError(f'No Tiny-ImageNet folder at {data_dir}: expected wnids.txt, train/ '
-                          'and val/ in it or in its tiny-imagenet-200/ subfolder.')
+  raise FileNotFoundError(f"No Tiny-ImageNet folder at {data_dir}: expected wnids.txt, train/ "
+                          "and val/ in it or in its tiny-imagenet-200/ subfolder.")
 
 
 @functools.lru_cache(maxsize=2)
 def _tiny_imagenet_sources(root: str) -> dict[str, ImageFileSource]:
   """Lists Tiny-ImageNet's files: classes in wnids.txt order; 'test' = val/."""
-  with open(os.path.join(root, 'wnids.txt')) as f:
+  with open(os.path.join(root, "wnids.txt")) as f:
     wnids = [line.strip() for line in f if line.strip()]
   if len(wnids) != len(set(wnids)):
-    raise ValueError(f'{root}/wnids.txt lists a class twice.')
+    raise ValueError(f"{root}/wnids.txt lists a class twice.")
   index = {wnid: i for i, wnid in enumerate(wnids)}
   paths, labels = [], []
   for wnid in wnids:
-    folder = os.path.join(root, 'train', wnid, 'images')
-    _check_exists(folder, f'Tiny-ImageNet training folder of class {wnid}')
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(('.jpeg', '.jpg')))
+    folder = os.path.join(root, "train", wnid, "images")
+    _check_exists(folder, f"Tiny-ImageNet training folder of class {wnid}")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".jpeg", ".jpg")))
     if not names:
-      raise FileNotFoundError(f'No JPEG files in {folder}.')
+      raise FileNotFoundError(f"No JPEG files in {folder}.")
     paths += [os.path.join(folder, n) for n in names]
     labels += [index[wnid]] * len(names)
   train = ImageFileSource(paths, np.asarray(labels, np.int32), (64, 64, 3))
 
-  annotations = os.path.join(root, 'val', 'val_annotations.txt')
-  _check_exists(annotations, 'Tiny-ImageNet val/val_annotations.txt')
+  annotations = os.path.join(root, "val", "val_annotations.txt")
+  _check_exists(annotations, "Tiny-ImageNet val/val_annotations.txt")
   paths, labels = [], []
   with open(annotations) as f:
     for line_number, line in enumerate(f, start=1):
       if not line.strip():
         continue
-      fields = line.rstrip('\n').split('\t')
+      fields = line.rstrip("\n").split("\t")
       if len(fields) < 2 or fields[1] not in index:
         raise ValueError(f'{annotations} line {line_number}: expected "<file>\\t<wnid>\\t..." '
-                         f'with a wnid from wnids.txt, found {line.strip()!r}.')
-      paths.append(os.path.join(root, 'val', 'images', fields[0]))
+                         f"with a wnid from wnids.txt, found {line.strip()!r}.")
+      paths.append(os.path.join(root, "val", "images", fields[0]))
       labels.append(index[fields[1]])
   missing = [p for p in paths if not os.path.isfile(p)]
   if missing:
-    raise FileNotFoundError(f'{len(missing)} images listed in {annotations} are missing, e.g. '
-                            f'{missing[0]}.')
+    raise FileNotFoundError(f"{len(missing)} images listed in {annotations} are missing, e.g. "
+                            f"{missing[0]}.")
   test = ImageFileSource(paths, np.asarray(labels, np.int32), (64, 64, 3))
-  return {'train': train, 'test': test}
+  return {"train": train, "test": test}
 
 
 # ------------------------------------------------------------------------------------------
@@ -659,13 +655,13 @@ def _open_tfds(name: str, split: str, data_dir: str | None) -> TfdsSource:
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir)
   except Exception as e:  # pylint: disable=broad-except; TFDS raises many kinds here
-    where = data_dir or 'the default TFDS data dir (~/tensorflow_datasets)'
+    where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
     raise FileNotFoundError(
-        f'TFDS could not open or download/prepare {name!r} (split {split!r}) in {where}: '
-        f'{type(e).__name__}: {e}\n'
-        'Preparing a TFDS dataset the first time needs network access and, for some '
-        'datasets, TensorFlow (pip install tensorflow, or prepare it once in Colab and copy '
-        'the data dir). Alternatively download the original files and set config.data_dir to '
+        f"TFDS could not open or download/prepare {name!r} (split {split!r}) in {where}: "
+        f"{type(e).__name__}: {e}\n"
+        "Preparing a TFDS dataset the first time needs network access and, for some "
+        "datasets, TensorFlow (pip install tensorflow, or prepare it once in Colab and copy "
+        "the data dir). Alternatively download the original files and set config.data_dir to "
         f'the folder holding them: {", ".join(_local_files(name))}.') from e
   return TfdsSource(source, name, split)
 

@@ -90,3 +90,83 @@ def summarize(sums: dict, module, time_steps: int, sweep: tuple[int, ...] = ()) 
   if sweep:
     out["sweep_top1"] = {int(t): float(c) / n for t, c in zip(sweep, sums["sweep_correct1"])}
   return out
+
+
+def run_evaluation(config, *, workdir: str | None = None, which: str = "best",
+                   checkpoint_step: int | None = None, torch_checkpoint: str | None = None,
+                   sweep: tuple[int, ...] = (), score: str = "count") -> dict:
+  """Evaluates a checkpoint on the whole test split of `config.dataset`.
+
+  Args:
+    config: the run's config; `eval_time_steps` is the number of time steps T.
+    workdir: a training workdir (orbax checkpoints), or None with `torch_checkpoint`.
+    which: "best" or "latest" checkpoint of the workdir.
+    checkpoint_step: a specific step of workdir/checkpoints.
+    torch_checkpoint: a .ckpt of the original PyTorch release instead of a workdir.
+    sweep: step counts to also report top-1 at (from the same run; T is raised to their max).
+    score: "count" or "potential" (see `make_eval_step`).
+
+  Returns:
+    The metrics of `summarize`, plus "checkpoint" (where the parameters came from).
+  """
+  # Imported here: trainer imports this module for its periodic validation.
+  from bitnet_jax import checkpointing, datasets, torch_checkpoint as torch_ckpt, trainer  # pylint: disable=import-outside-toplevel
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
+  trainer.validate_config(config)
+  info = datasets.get_dataset_info(config)
+  module = trainer.make_module(config, info)
+  if torch_checkpoint:
+    params = torch_ckpt.to_flax_params(
+        torch_ckpt.read_state_dict(torch_checkpoint), variant=config.variant, fs=config.fs,
+        num_classes=info.num_classes, img_size=module.img_size, in_channels=module.in_channels)
+    source = torch_checkpoint
+  elif workdir:
+    params, meta = checkpointing.load_params(workdir, which, checkpoint_step)
+    checkpointing.check_architecture(meta["arch"], checkpointing.architecture(module),
+                                     meta["source"])
+    source = meta["source"]
+  else:
+    raise ValueError("nothing to evaluate: give a workdir or a torch_checkpoint")
+  sweep = tuple(sorted(set(sweep)))
+  steps = max((config.eval_time_steps,) + sweep)
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  params = jax.device_put(params, NamedSharding(mesh, P()))
+  eval_step = make_eval_step(module, time_steps=steps, mean=info.mean, std=info.std,
+                             loss=config.loss, logit_scale=config.logit_scale,
+                             engine=config.engine, chunk=config.chunk, sweep=sweep, score=score)
+  sums = evaluate(eval_step, params, input_pipeline.create_eval_iter(config, info), mesh)
+  result = summarize(sums, module, steps, sweep)
+  result.update(checkpoint=source, dataset=info.name, score=score)
+  return result
+
+
+def sparsity_table(result: dict, label: str) -> str:
+  """The seed's sparsity table row: % zeros of each layer's spikes."""
+  head = "| Dataset - Model | " + " | ".join(f"Layer{i}" for i in range(1, 7)) + " |"
+  rule = "|:---|" + "---:|" * 6
+  row = f"| {label} | " + " | ".join(f"{s:.2f}%" for s in result["sparsity"]) + " |"
+  return "\n".join([head, rule, row])
+
+
+def sweep_table(result: dict) -> str:
+  rows = ["| time steps | top-1 |", "|---:|---:|"]
+  rows += [f"| {t} | {100 * a:.2f}% |" for t, a in result["sweep_top1"].items()]
+  return "\n".join(rows)
+
+
+def plot_sweep(result: dict, path: str, title: str = ""):
+  """Saves a PNG of top-1 accuracy against the number of time steps."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  steps, acc = zip(*sorted(result["sweep_top1"].items()))
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot(steps, [100 * a for a in acc], "o-")
+  ax.set_xlabel("time steps at inference")
+  ax.set_ylabel("top-1 accuracy (%)")
+  ax.set_title(title or f"{result['dataset']} ({result['n']} test images)")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

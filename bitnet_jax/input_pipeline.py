@@ -10,8 +10,8 @@ Why grain on index batches. The pipeline is a `grain.MapDataset` of *example ids
 `range(N) -> shuffle -> batch(global) -> repeat -> map_with_index(read + augment)`. Every
 element is a pure function of its index, so
 
-* the order depends only on (config.seed, epoch): grain's `shuffle` draws a new permutation per
-  epoch from seed + epoch; the last incomplete batch of every epoch is dropped;
+* the order depends only on (config.seed, epoch): grain's `shuffle` draws a new permutation for
+  every epoch; the last incomplete batch of every epoch is dropped;
 * the iterator's state is just the next index (`{'next_index': k}`, a JSON-able dict), so a
   restored iterator yields exactly the batch an uninterrupted one would have;
 * every process computes the same *global* batch of ids and reads only its slice of it, and the
@@ -33,6 +33,7 @@ k examples of the split; -1 = whole split), `num_workers` (grain worker processe
 this process with a background thread).
 """
 
+from absl import flags
 import grain
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from bitnet_jax import datasets
 
-AUGMENTATIONS = ('none', 'crop_flip')
+AUGMENTATIONS = ("none", "crop_flip")
 
 # Batches are read by a background thread and kept this many batches ahead of the consumer.
 _PREFETCH_BATCHES = 4
@@ -54,26 +55,26 @@ _PREFETCH_BATCHES = 4
 def num_examples(config, info: datasets.DatasetInfo, split: str) -> int:
   """Examples of `split` used: the whole split, or its first `max_*_examples`."""
   total = info.num_examples(split)
-  field = 'max_train_examples' if split == 'train' else 'max_eval_examples'
+  field = "max_train_examples" if split == "train" else "max_eval_examples"
   limit = config.get(field, -1)
   if limit == -1:
     return total
   if limit < 1:
-    raise ValueError(f'config.{field} must be -1 (whole split) or >= 1, found {limit}.')
+    raise ValueError(f"config.{field} must be -1 (whole split) or >= 1, found {limit}.")
   return min(limit, total)
 
 
 def steps_per_epoch(config, info: datasets.DatasetInfo) -> int:
   """Training steps per epoch (incomplete last batch dropped)."""
-  n = num_examples(config, info, 'train')
+  n = num_examples(config, info, "train")
   steps = n // config.batch_size
   if steps < 1:
-    raise ValueError(f'config.batch_size={config.batch_size} is larger than the {n} training '
-                     f'examples of {info.name!r}.')
+    raise ValueError(f"config.batch_size={config.batch_size} is larger than the {n} training "
+                     f"examples of {info.name!r}.")
   return steps
 
 
-def num_eval_batches(config, info: datasets.DatasetInfo, split: str = 'test') -> int:
+def num_eval_batches(config, info: datasets.DatasetInfo, split: str = "test") -> int:
   """Padded evaluation batches that cover `split` (the last one partly padding)."""
   return -(-num_examples(config, info, split) // config.eval_batch_size)  # ceil
 
@@ -98,20 +99,23 @@ def create_train_iter(config, info: datasets.DatasetInfo | None = None) -> grain
     b = config.batch_size // jax.process_count().
   """
   info = info or datasets.get_dataset_info(config)
-  augment = config.get('augment', 'none')
+  augment = config.get("augment", "none")
   if augment not in AUGMENTATIONS:
-    raise ValueError(f'Unknown config.augment {augment!r}; expected one of {AUGMENTATIONS}.')
-  seed = config.get('seed', 0)
+    raise ValueError(f"Unknown config.augment {augment!r}; expected one of {AUGMENTATIONS}.")
+  seed = config.get("seed", 0)
   if not 0 <= seed < 2**32:
-    raise ValueError(f'config.seed must be in [0, 2**32), found {seed}.')
+    raise ValueError(f"config.seed must be in [0, 2**32), found {seed}.")
   global_batch = config.batch_size
-  local_batch = _local_batch(global_batch, 'batch_size')
+  local_batch = _local_batch(global_batch, "batch_size")
   steps_per_epoch(config, info)  # fails early if the batch exceeds the data
-  n = num_examples(config, info, 'train')
-  read = _TrainBatch(datasets.get_source(config, 'train'), local_batch, augment, seed,
+  n = num_examples(config, info, "train")
+  read = _TrainBatch(datasets.get_source(config, "train"), local_batch, augment, seed,
                      pad=info.image_shape[0] // 8)
+  # grain reshuffles epoch e with seed + e; hashing config.seed first keeps runs with
+  # neighbouring seeds (0, 1, ...) from sharing shifted epoch orders.
+  shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])  # in [0, 2**32)
   ds = (grain.MapDataset.range(n)                    # example ids
-        .shuffle(seed=seed)                          # a new permutation per epoch: seed + epoch
+        .shuffle(seed=shuffle_seed)                  # a new permutation per epoch
         .batch(global_batch, drop_remainder=True)    # (global_batch,) ids, within one epoch
         .repeat(None)                                # endless; index = global step
         .map_with_index(read))
@@ -119,7 +123,7 @@ def create_train_iter(config, info: datasets.DatasetInfo | None = None) -> grain
 
 
 def create_eval_iter(config, info: datasets.DatasetInfo | None = None,
-                     split: str = 'test') -> grain.DatasetIterator:
+                     split: str = "test") -> grain.DatasetIterator:
   """Finite iterator over this process's padded evaluation batches of `split`.
 
   Args:
@@ -133,7 +137,7 @@ def create_eval_iter(config, info: datasets.DatasetInfo | None = None,
     b = config.eval_batch_size // jax.process_count(); mask is False on padding.
   """
   info = info or datasets.get_dataset_info(config)
-  local_batch = _local_batch(config.eval_batch_size, 'eval_batch_size')
+  local_batch = _local_batch(config.eval_batch_size, "eval_batch_size")
   read = _EvalBatch(datasets.get_source(config, split), num_examples(config, info, split),
                     local_batch, info.image_shape)
   ds = grain.MapDataset.range(num_eval_batches(config, info, split)).map_with_index(read)
@@ -142,12 +146,15 @@ def create_eval_iter(config, info: datasets.DatasetInfo | None = None,
 
 def _to_iterator(ds: grain.MapDataset, config) -> grain.DatasetIterator:
   """Reads ahead in a background thread, or in `config.num_workers` processes."""
-  num_workers = config.get('num_workers', 0)
+  num_workers = config.get("num_workers", 0)
   if num_workers < 0:
-    raise ValueError(f'config.num_workers must be >= 0, found {num_workers}.')
+    raise ValueError(f"config.num_workers must be >= 0, found {num_workers}.")
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
                                             prefetch_buffer_size=_PREFETCH_BATCHES))
   if num_workers:
+    # grain's worker processes read absl flags; outside absl.app (Colab, tests) none were parsed.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                      per_worker_buffer_size=_PREFETCH_BATCHES))
   return iter(ds)
@@ -156,11 +163,11 @@ def _to_iterator(ds: grain.MapDataset, config) -> grain.DatasetIterator:
 def _local_batch(global_batch: int, name: str) -> int:
   """This process's share of a global batch; checks that processes and devices divide it."""
   if global_batch < 1:
-    raise ValueError(f'config.{name} must be >= 1, found {global_batch}.')
-  for what, count in (('processes', jax.process_count()), ('devices', jax.device_count())):
+    raise ValueError(f"config.{name} must be >= 1, found {global_batch}.")
+  for what, count in (("processes", jax.process_count()), ("devices", jax.device_count())):
     if global_batch % count:
-      raise ValueError(f'config.{name}={global_batch} (the global batch) must be divisible by '
-                       f'the number of {what}, {count}.')
+      raise ValueError(f"config.{name}={global_batch} (the global batch) must be divisible by "
+                       f"the number of {what}, {count}.")
   return global_batch // jax.process_count()
 
 
@@ -179,14 +186,14 @@ class _TrainBatch:
   def __call__(self, step: int, ids: np.ndarray) -> dict[str, np.ndarray]:
     # ids: (global_batch,) example ids of global step `step`.
     images, labels = self.source.read(ids[self.start:self.stop])  # (b, H, W, C), (b,)
-    if self.augment == 'crop_flip':
+    if self.augment == "crop_flip":
       # Drawn for the whole global batch, then sliced: independent of the process count.
       rng = np.random.default_rng([self.seed, step])
       offsets = rng.integers(0, 2 * self.pad + 1, (len(ids), 2))  # (global_batch, 2): dy, dx
       flips = rng.random(len(ids)) < 0.5  # (global_batch,)
       images = crop_flip(images, offsets[self.start:self.stop], flips[self.start:self.stop],
                          self.pad)
-    return {'image': images, 'label': labels}
+    return {"image": images, "label": labels}
 
 
 class _EvalBatch:
@@ -210,7 +217,7 @@ class _EvalBatch:
     k = int(mask.sum())
     if k:
       images[:k], labels[:k] = self.source.read(ids[:k])
-    return {'image': images, 'label': labels, 'mask': mask}
+    return {"image": images, "label": labels, "mask": mask}
 
 
 # ------------------------------------------------------------------------------------------
@@ -231,13 +238,18 @@ def crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray,
   Returns:
     uint8 (b, H, W, C).
   """
-  b, h, w, _ = images.shape
-  padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))  # (b, H+2p, W+2p, C)
-  out = np.empty_like(images)
-  # A loop of slice copies beats one fancy-index gather by ~3x at these sizes.
-  for i, ((dy, dx), flip) in enumerate(zip(offsets, flips)):
-    crop = padded[i, dy:dy + h, dx:dx + w]
-    out[i] = crop[:, ::-1] if flip else crop
+  _, h, w, _ = images.shape
+  out = np.zeros_like(images)  # (b, H, W, C); what no source pixel covers is the zero padding
+  # Copying each crop's in-image window (no padded copy of the batch, no fancy-index gather) is
+  # the fastest numpy form at these sizes: ~150k images/s at 32x32 on one core.
+  for i, ((dy, dx), flip) in enumerate(zip(offsets.tolist(), flips.tolist())):
+    sy, sx = dy - pad, dx - pad  # crop[y, x] = image[y + sy, x + sx], zero outside the image
+    window = images[i, max(sy, 0):h + min(sy, 0), max(sx, 0):w + min(sx, 0)]
+    rows = slice(max(-sy, 0), h - max(sy, 0))
+    if flip:  # mirrored, the window lands at mirrored columns
+      out[i, rows, max(sx, 0):w - max(-sx, 0)] = window[:, ::-1]
+    else:
+      out[i, rows, max(-sx, 0):w - max(sx, 0)] = window
   return out
 
 
@@ -268,14 +280,14 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[s
     The same keys, as `jax.Array`s of leading dimension b * jax.process_count(), sharded along
     'data' on that dimension.
   """
-  if 'data' not in mesh.axis_names:
+  if "data" not in mesh.axis_names:
     raise ValueError(f"The mesh needs an axis named 'data', found {mesh.axis_names}.")
-  sharding = NamedSharding(mesh, PartitionSpec('data'))
+  sharding = NamedSharding(mesh, PartitionSpec("data"))
   out = {}
   for key, value in batch.items():
     global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
-    if global_shape[0] % mesh.shape['data']:
-      raise ValueError(f'The global batch ({global_shape[0]}) of {key!r} must be divisible by '
+    if global_shape[0] % mesh.shape["data"]:
+      raise ValueError(f"The global batch ({global_shape[0]}) of {key!r} must be divisible by "
                        f"the {mesh.shape['data']} devices of mesh axis 'data'.")
     out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
   return out

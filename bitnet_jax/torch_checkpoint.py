@@ -61,24 +61,25 @@ from typing import Any
 
 import numpy as np
 
-LAYERS = ('begin', 'layer1', 'layer2', 'layer3', 'layer4', 'mlp1')
+LAYERS = ("begin", "layer1", "layer2", "layer3", "layer4", "mlp1")
 CONV_LAYERS = LAYERS[:-1]
-VARIANTS = ('BITnet6', 'BITnet6_v101')
+VARIANTS = ("BITnet6", "BITnet6_v101")
 IMG_SIZES = (32, 64)
-PREFIX = 'model.'  # the LightningModule holds the network as `self.model`
+PREFIX = "model."  # the LightningModule holds the network as `self.model`
 
 __all__ = [
-    'CheckpointFormatError',
-    'UnknownObject',
-    'UnsafeCheckpointError',
-    'expected_torch_shapes',
-    'load_checkpoint',
-    'load_torch_checkpoint',
-    'read_state_dict',
-    'to_flax_params',
-    'to_reference_weights',
-    'to_torch_state_dict',
-    'write_checkpoint',
+    "CheckpointFormatError",
+    "HParams",
+    "UnknownObject",
+    "UnsafeCheckpointError",
+    "expected_torch_shapes",
+    "load_checkpoint",
+    "load_torch_checkpoint",
+    "read_state_dict",
+    "to_flax_params",
+    "to_reference_weights",
+    "to_torch_state_dict",
+    "write_checkpoint",
 ]
 
 
@@ -94,50 +95,50 @@ class CheckpointFormatError(ValueError):
 
 # Storage classes of the pickle -> NumPy dtype of their elements.
 _STORAGE_DTYPES = {
-    'FloatStorage': 'float32',
-    'DoubleStorage': 'float64',
-    'HalfStorage': 'float16',
-    'BFloat16Storage': 'bfloat16',
-    'LongStorage': 'int64',
-    'IntStorage': 'int32',
-    'ShortStorage': 'int16',
-    'CharStorage': 'int8',
-    'ByteStorage': 'uint8',
-    'BoolStorage': 'bool',
-    'ComplexFloatStorage': 'complex64',
-    'ComplexDoubleStorage': 'complex128',
-    'UntypedStorage': 'uint8',  # bytes; `_rebuild_tensor_v3` gives the element dtype
+    "FloatStorage": "float32",
+    "DoubleStorage": "float64",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128",
+    "UntypedStorage": "uint8",  # bytes; `_rebuild_tensor_v3` gives the element dtype
 }
 
 # `torch.<name>` dtype objects (used by `_rebuild_tensor_v3`) -> NumPy dtype names.
 _TORCH_DTYPES = {
-    'float32': 'float32', 'float': 'float32', 'float64': 'float64', 'double': 'float64',
-    'float16': 'float16', 'half': 'float16', 'bfloat16': 'bfloat16',
-    'int64': 'int64', 'long': 'int64', 'int32': 'int32', 'int': 'int32',
-    'int16': 'int16', 'short': 'int16', 'int8': 'int8', 'uint8': 'uint8',
-    'uint16': 'uint16', 'uint32': 'uint32', 'uint64': 'uint64', 'bool': 'bool',
-    'complex64': 'complex64', 'cfloat': 'complex64', 'complex128': 'complex128',
-    'cdouble': 'complex128',
+    "float32": "float32", "float": "float32", "float64": "float64", "double": "float64",
+    "float16": "float16", "half": "float16", "bfloat16": "bfloat16",
+    "int64": "int64", "long": "int64", "int32": "int32", "int": "int32",
+    "int16": "int16", "short": "int16", "int8": "int8", "uint8": "uint8",
+    "uint16": "uint16", "uint32": "uint32", "uint64": "uint64", "bool": "bool",
+    "complex64": "complex64", "cfloat": "complex64", "complex128": "complex128",
+    "cdouble": "complex128",
 }
 
 # Module paths under which Lightning has defined `AttributeDict` (a dict with attribute access).
 _ATTRIBUTE_DICT_MODULES = (
-    'pytorch_lightning.utilities.parsing',
-    'pytorch_lightning.utilities.data',
-    'lightning.pytorch.utilities.parsing',
-    'lightning_fabric.utilities.data',
-    'lightning.fabric.utilities.data',
+    "pytorch_lightning.utilities.parsing",
+    "pytorch_lightning.utilities.data",
+    "lightning.pytorch.utilities.parsing",
+    "lightning_fabric.utilities.data",
+    "lightning.fabric.utilities.data",
 )
 
 
 def _numpy_dtype(name: str) -> np.dtype:
   """NumPy dtype from a name of `_STORAGE_DTYPES`/`_TORCH_DTYPES` (bfloat16 via ml_dtypes)."""
-  if name == 'bfloat16':
+  if name == "bfloat16":
     try:
       import ml_dtypes  # pylint: disable=import-outside-toplevel
     except ImportError as e:  # ml_dtypes ships with jax
       raise CheckpointFormatError(
-          'the checkpoint holds bfloat16 tensors, which need the ml_dtypes package') from e
+          "the checkpoint holds bfloat16 tensors, which need the ml_dtypes package") from e
     return np.dtype(ml_dtypes.bfloat16)
   return np.dtype(name)
 
@@ -149,10 +150,10 @@ class _Marker:
     self.qualname = qualname
 
   def __repr__(self):
-    return f'<{self.qualname}>'
+    return f"<{self.qualname}>"
 
   def __setstate__(self, state):
-    raise UnsafeCheckpointError(f'the pickle tried to modify {self.qualname}; refused.')
+    raise UnsafeCheckpointError(f"the pickle tried to modify {self.qualname}; refused.")
 
 
 class _StorageType(_Marker):
@@ -185,13 +186,13 @@ class _SafeCallable:
       raise
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointFormatError(
-          f'{self.qualname} called with unexpected arguments {_short_repr(args)}: {e}') from e
+          f"{self.qualname} called with unexpected arguments {_short_repr(args)}: {e}") from e
 
   def __setstate__(self, state):
-    raise UnsafeCheckpointError(f'the pickle tried to modify {self.qualname}; refused.')
+    raise UnsafeCheckpointError(f"the pickle tried to modify {self.qualname}; refused.")
 
   def __repr__(self):
-    return f'<safe stand-in for {self.qualname}>'
+    return f"<safe stand-in for {self.qualname}>"
 
 
 class HParams(dict):
@@ -201,7 +202,7 @@ class HParams(dict):
     if isinstance(state, tuple) and len(state) == 2:  # (dict_state, slot_state)
       state = {**(state[0] or {}), **(state[1] or {})}
     if not isinstance(state, dict):
-      raise CheckpointFormatError(f'hyper-parameters state must be a dict, got {type(state)}')
+      raise CheckpointFormatError(f"hyper-parameters state must be a dict, got {type(state)}")
     self.update(state)
 
 
@@ -222,7 +223,7 @@ class UnknownObject:
     self.items = []
 
   def __repr__(self):
-    return f'UnknownObject({self.qualname})'
+    return f"UnknownObject({self.qualname})"
 
 
 class _UnknownGlobal:
@@ -232,45 +233,48 @@ class _UnknownGlobal:
   instance raises `UnsafeCheckpointError` in strict mode; otherwise it becomes an inert
   `UnknownObject`-like record.
   """
-  _qualname = '?'
+  _qualname = "?"
   _strict = True
 
   def __new__(cls, *args, **kwargs):
     if cls._strict:
       raise UnsafeCheckpointError(
           f"refused global '{cls._qualname}': the checkpoint asks to call it, and it is not "
-          'on the allow-list of this loader (nothing was executed). If you trust that it only '
-          'appears outside the state dict (e.g. in hyper-parameters), read with strict=False, '
-          'which keeps it as inert data.')
+          "on the allow-list of this loader (nothing was executed). If you trust that it only "
+          "appears outside the state dict (e.g. in hyper-parameters), read with strict=False, "
+          "which keeps it as inert data.")
     obj = object.__new__(cls)
-    obj.__dict__['_record'] = UnknownObject(cls._qualname, args + tuple(kwargs.items()))
+    obj.__dict__["_record"] = UnknownObject(cls._qualname, args + tuple(kwargs.items()))
     return obj
 
   def __init__(self, *args, **kwargs):
     pass
 
   def __setstate__(self, state):
-    self.__dict__['_record'].state = state
+    self.__dict__["_record"].state = state
 
   def append(self, item):
-    self.__dict__['_record'].items.append(item)
+    self.__dict__["_record"].items.append(item)
 
   def extend(self, items):
-    self.__dict__['_record'].items.extend(items)
+    self.__dict__["_record"].items.extend(items)
 
   def __setitem__(self, key, value):
-    self.__dict__['_record'].items.append((key, value))
+    self.__dict__["_record"].items.append((key, value))
 
   def __repr__(self):
-    return f'UnknownObject({self._qualname})'
+    return f"UnknownObject({self._qualname})"
 
 
 class _Storage:
   """A storage of the archive, read from the zip only when a tensor needs it."""
 
-  def __init__(self, reader: '_ArchiveReader', key: str, dtype: np.dtype, numel: int):
+  def __init__(self, reader: "_ArchiveReader", key: str, dtype: np.dtype, numel: int):
     self.reader, self.key, self.dtype, self.numel = reader, key, dtype, numel
     self._array = None
+
+  def __setstate__(self, state):  # BUILD must not change a validated size or dtype
+    raise UnsafeCheckpointError(f"the pickle tried to modify storage '{self.key}'; refused.")
 
   def array(self) -> np.ndarray:
     """The storage as a 1-D array of `numel` elements of `dtype` (native byte order)."""
@@ -284,13 +288,13 @@ class _TensorRef:
 
   def __init__(self, storage: _Storage, offset, size, stride, dtype: np.dtype | None = None):
     if not isinstance(storage, _Storage):
-      raise CheckpointFormatError(f'tensor rebuilt from a non-storage {type(storage).__name__}')
-    size, stride = _int_tuple(size, 'size'), _int_tuple(stride, 'stride')
+      raise CheckpointFormatError(f"tensor rebuilt from a non-storage {type(storage).__name__}")
+    size, stride = _int_tuple(size, "size"), _int_tuple(stride, "stride")
     if len(size) != len(stride):
-      raise CheckpointFormatError(f'tensor size {size} and stride {stride} differ in length')
+      raise CheckpointFormatError(f"tensor size {size} and stride {stride} differ in length")
     if not isinstance(offset, int) or offset < 0 or any(s < 0 for s in size + stride):
       raise CheckpointFormatError(
-          f'bad tensor geometry: offset {offset!r}, size {size}, stride {stride}')
+          f"bad tensor geometry: offset {offset!r}, size {size}, stride {stride}")
     self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
     self.dtype = storage.dtype if dtype is None else dtype
     # Check the extent now, so that a corrupt file fails while unpickling.
@@ -302,12 +306,19 @@ class _TensorRef:
             f"tensor (offset {offset}, size {size}, stride {stride}) overruns storage "
             f"'{storage.key}' of {view_numel} elements")
 
+  def __setstate__(self, state):  # BUILD must not change the validated geometry
+    raise UnsafeCheckpointError("the pickle tried to modify a tensor; refused.")
+
   def materialize(self) -> np.ndarray:
     base = self.storage.array()
     if self.dtype != base.dtype:  # `_rebuild_tensor_v3`: bytes viewed as the tensor dtype
-      base = base[:base.size - base.size % self.dtype.itemsize].view(self.dtype)
+      nbytes = base.size * base.dtype.itemsize
+      base = base.view(np.uint8)[:nbytes - nbytes % self.dtype.itemsize].view(self.dtype)
     if not math.prod(self.size):
       return np.zeros(self.size, self.dtype)
+    last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
+    if last >= base.size:  # checked at rebuild too; as_strided must never read past the end
+      raise CheckpointFormatError(f"tensor overruns storage '{self.storage.key}'")
     item = self.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(
         base[self.offset:], shape=self.size, strides=tuple(s * item for s in self.stride))
@@ -316,13 +327,13 @@ class _TensorRef:
 
 def _int_tuple(x, what: str) -> tuple[int, ...]:
   if not isinstance(x, (tuple, list)) or not all(isinstance(i, int) for i in x):
-    raise CheckpointFormatError(f'tensor {what} must be a tuple of ints, got {x!r}')
+    raise CheckpointFormatError(f"tensor {what} must be a tuple of ints, got {x!r}")
   return tuple(x)
 
 
 def _short_repr(x, n: int = 200) -> str:
   r = repr(x)
-  return r if len(r) <= n else r[:n] + '...'
+  return r if len(r) <= n else r[:n] + "..."
 
 
 def _rebuild_tensor(storage, offset, size, stride):
@@ -339,7 +350,7 @@ def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtyp
                        metadata=None):
   del requires_grad, hooks, metadata
   if not isinstance(dtype, _TorchDtype):
-    raise CheckpointFormatError(f'_rebuild_tensor_v3 needs a torch dtype, got {dtype!r}')
+    raise CheckpointFormatError(f"_rebuild_tensor_v3 needs a torch dtype, got {dtype!r}")
   return _TensorRef(storage, offset, size, stride, _numpy_dtype(dtype.dtype_name))
 
 
@@ -352,29 +363,29 @@ def _rebuild_from_type_v2(func, new_type, args, state):
   """Tensor subclasses / tensors with Python attributes: keep the plain tensor."""
   del new_type, state  # never instantiate the (possibly unknown) subclass
   if not isinstance(func, _SafeCallable):
-    raise UnsafeCheckpointError(f'_rebuild_from_type_v2 with a refused function {func!r}')
+    raise UnsafeCheckpointError(f"_rebuild_from_type_v2 with a refused function {func!r}")
   return func(*args)
 
 
 def _torch_size(*args):
   dims = args[0] if args else ()
-  return _int_tuple(tuple(dims), 'torch.Size')
+  return _int_tuple(tuple(dims), "torch.Size")
 
 
 def _torch_device(*args):
-  return ':'.join(str(a) for a in args)  # 'cpu', 'cuda:0'
+  return ":".join(str(a) for a in args)  # 'cpu', 'cuda:0'
 
 
-def _codecs_encode(text, encoding='utf-8', errors='strict'):
+def _codecs_encode(text, encoding="utf-8", errors="strict"):
   """Protocol-2 pickles store ``bytes`` as ``_codecs.encode(latin1_str, 'latin1')``."""
-  if not isinstance(text, str) or encoding not in ('latin1', 'latin-1') or errors != 'strict':
-    raise UnsafeCheckpointError(f'refused _codecs.encode{_short_repr((text, encoding))}')
-  return text.encode('latin1')
+  if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+    raise UnsafeCheckpointError(f"refused _codecs.encode{_short_repr((text, encoding))}")
+  return text.encode("latin1")
 
 
 def _bytes(*args):
   if not args:
-    return b''
+    return b""
   return _codecs_encode(*args)
 
 
@@ -385,37 +396,37 @@ def _bytearray(*args):
 def _np_dtype(name, align=False, copy=False):
   del copy  # always a fresh copy: BUILD must not modify NumPy's shared dtype singletons
   if not isinstance(name, str):
-    raise UnsafeCheckpointError(f'numpy.dtype of a non-string {name!r} refused')
+    raise UnsafeCheckpointError(f"numpy.dtype of a non-string {name!r} refused")
   dt = np.dtype(name, align=bool(align), copy=True)
   if dt.hasobject:
-    raise UnsafeCheckpointError(f'numpy object dtype {name!r} refused')
+    raise UnsafeCheckpointError(f"numpy object dtype {name!r} refused")
   return dt
 
 
 def _np_scalar(dtype, data=None):
   if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
-    raise UnsafeCheckpointError(f'numpy scalar of {dtype!r} refused')
+    raise UnsafeCheckpointError(f"numpy scalar of {dtype!r} refused")
   return np.frombuffer(data, dtype=dtype, count=1)[0]
 
 
 def _np_reconstruct(subtype, shape, code):
   del shape, code
   if subtype is not _NDARRAY:
-    raise UnsafeCheckpointError(f'numpy _reconstruct of {subtype!r} refused')
+    raise UnsafeCheckpointError(f"numpy _reconstruct of {subtype!r} refused")
   # BUILD then calls NumPy's own ndarray.__setstate__ with a dtype made by `_np_dtype`.
-  return np.ndarray.__new__(np.ndarray, (0,), 'b')
+  return np.ndarray.__new__(np.ndarray, (0,), "b")
 
 
 def _pure_path(cls):
   def make(*parts):
     if not all(isinstance(p, str) for p in parts):
-      raise UnsafeCheckpointError(f'path from non-strings {_short_repr(parts)} refused')
+      raise UnsafeCheckpointError(f"path from non-strings {_short_repr(parts)} refused")
     return str(cls(*parts))
   return make
 
 
-_NDARRAY = _Marker('numpy.ndarray')
-_TENSOR_TYPE = _Marker('torch.Tensor')
+_NDARRAY = _Marker("numpy.ndarray")
+_TENSOR_TYPE = _Marker("torch.Tensor")
 
 
 def _allowed_globals() -> dict[tuple[str, str], Any]:
@@ -423,50 +434,50 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
   allowed: dict[tuple[str, str], Any] = {}
 
   def fn(module, name, f):
-    allowed[(module, name)] = _SafeCallable(f'{module}.{name}', f)
+    allowed[(module, name)] = _SafeCallable(f"{module}.{name}", f)
 
-  fn('collections', 'OrderedDict', collections.OrderedDict)
-  fn('torch._utils', '_rebuild_tensor', _rebuild_tensor)
-  fn('torch._utils', '_rebuild_tensor_v2', _rebuild_tensor_v2)
-  fn('torch._utils', '_rebuild_tensor_v3', _rebuild_tensor_v3)
-  fn('torch._utils', '_rebuild_parameter', _rebuild_parameter)
-  fn('torch._utils', '_rebuild_parameter_with_state', _rebuild_parameter)
-  fn('torch._tensor', '_rebuild_from_type_v2', _rebuild_from_type_v2)
-  fn('torch', 'Size', _torch_size)
-  fn('torch', 'device', _torch_device)
-  for module in ('torch', 'torch._tensor', 'torch.nn.parameter'):
-    for name in ('Tensor', 'Parameter'):
+  fn("collections", "OrderedDict", collections.OrderedDict)
+  fn("torch._utils", "_rebuild_tensor", _rebuild_tensor)
+  fn("torch._utils", "_rebuild_tensor_v2", _rebuild_tensor_v2)
+  fn("torch._utils", "_rebuild_tensor_v3", _rebuild_tensor_v3)
+  fn("torch._utils", "_rebuild_parameter", _rebuild_parameter)
+  fn("torch._utils", "_rebuild_parameter_with_state", _rebuild_parameter)
+  fn("torch._tensor", "_rebuild_from_type_v2", _rebuild_from_type_v2)
+  fn("torch", "Size", _torch_size)
+  fn("torch", "device", _torch_device)
+  for module in ("torch", "torch._tensor", "torch.nn.parameter"):
+    for name in ("Tensor", "Parameter"):
       allowed[(module, name)] = _TENSOR_TYPE
   for name, dt in _STORAGE_DTYPES.items():
-    allowed[('torch', name)] = _StorageType(f'torch.{name}', dt)
-  allowed[('torch.storage', 'UntypedStorage')] = _StorageType('torch.UntypedStorage', 'uint8')
+    allowed[("torch", name)] = _StorageType(f"torch.{name}", dt)
+  allowed[("torch.storage", "UntypedStorage")] = _StorageType("torch.UntypedStorage", "uint8")
   for name, dt in _TORCH_DTYPES.items():
-    allowed[('torch', name)] = _TorchDtype(f'torch.{name}', dt)
-  fn('builtins', 'set', set)
-  fn('builtins', 'frozenset', frozenset)
-  fn('builtins', 'complex', complex)
-  fn('builtins', 'bytes', _bytes)
-  fn('builtins', 'bytearray', _bytearray)
-  fn('_codecs', 'encode', _codecs_encode)
-  allowed[('argparse', 'Namespace')] = HParams
+    allowed[("torch", name)] = _TorchDtype(f"torch.{name}", dt)
+  fn("builtins", "set", set)
+  fn("builtins", "frozenset", frozenset)
+  fn("builtins", "complex", complex)
+  fn("builtins", "bytes", _bytes)
+  fn("builtins", "bytearray", _bytearray)
+  fn("_codecs", "encode", _codecs_encode)
+  allowed[("argparse", "Namespace")] = HParams
   for module in _ATTRIBUTE_DICT_MODULES:
-    allowed[(module, 'AttributeDict')] = HParams
-  for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
-    fn(module, 'scalar', _np_scalar)
-    fn(module, '_reconstruct', _np_reconstruct)
-  fn('numpy', 'dtype', _np_dtype)
-  allowed[('numpy', 'ndarray')] = _NDARRAY
-  for name in ('PurePosixPath', 'PosixPath', 'Path'):
-    fn('pathlib', name, _pure_path(pathlib.PurePosixPath))
-  for name in ('PureWindowsPath', 'WindowsPath'):
-    fn('pathlib', name, _pure_path(pathlib.PureWindowsPath))
+    allowed[(module, "AttributeDict")] = HParams
+  for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+    fn(module, "scalar", _np_scalar)
+    fn(module, "_reconstruct", _np_reconstruct)
+  fn("numpy", "dtype", _np_dtype)
+  allowed[("numpy", "ndarray")] = _NDARRAY
+  for name in ("PurePosixPath", "PosixPath", "Path"):
+    fn("pathlib", name, _pure_path(pathlib.PurePosixPath))
+  for name in ("PureWindowsPath", "WindowsPath"):
+    fn("pathlib", name, _pure_path(pathlib.PureWindowsPath))
   return allowed
 
 
 class _SafeUnpickler(pickle.Unpickler):
   """An unpickler that resolves globals only to the stand-ins of `_allowed_globals`."""
 
-  def __init__(self, file, archive: '_ArchiveReader', strict: bool):
+  def __init__(self, file, archive: "_ArchiveReader", strict: bool):
     super().__init__(file)
     self._archive = archive
     self._strict = strict
@@ -481,23 +492,23 @@ class _SafeUnpickler(pickle.Unpickler):
       module = _compat_pickle.IMPORT_MAPPING[module]
     if (module, name) in self._allowed:
       return self._allowed[(module, name)]
-    qualname = f'{module}.{name}'
+    qualname = f"{module}.{name}"
     if qualname not in self._unknown:  # an inert class, never the real one
       self._unknown[qualname] = type(
-          f'Refused[{qualname}]', (_UnknownGlobal,),
-          {'_qualname': qualname, '_strict': self._strict, '__module__': __name__})
+          f"Refused[{qualname}]", (_UnknownGlobal,),
+          {"_qualname": qualname, "_strict": self._strict, "__module__": __name__})
     return self._unknown[qualname]
 
   def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'):
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
       raise UnsafeCheckpointError(
           f"refused persistent id {_short_repr(pid)}: expected ('storage', type, key, "
-          'location, numel)')
+          "location, numel)")
     _, storage_type, key, _, numel = pid
     if not isinstance(storage_type, _StorageType):
-      raise UnsafeCheckpointError(f'refused storage type {storage_type!r}')
+      raise UnsafeCheckpointError(f"refused storage type {storage_type!r}")
     if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
-      raise CheckpointFormatError(f'bad storage reference {_short_repr(pid)}')
+      raise CheckpointFormatError(f"bad storage reference {_short_repr(pid)}")
     return self._archive.storage(key, _numpy_dtype(storage_type.dtype_name), numel)
 
 
@@ -509,29 +520,29 @@ class _ArchiveReader:
     try:
       self.zip = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, EOFError, ValueError) as e:
-      with open(path, 'rb') as f:
+      with open(path, "rb") as f:
         head = f.read(64)
-      hint = ''
-      if head[:2] == b'\x80\x02':  # pre-1.6 torch.save: a bare pickle stream, no zip
-        hint = (' It starts like a legacy (torch < 1.6) non-zip file; re-save it with a '
-                'recent torch.save to read it here.')
+      hint = ""
+      if head[:2] == b"\x80\x02":  # pre-1.6 torch.save: a bare pickle stream, no zip
+        hint = (" It starts like a legacy (torch < 1.6) non-zip file; re-save it with a "
+                "recent torch.save to read it here.")
       raise CheckpointFormatError(
-          f'{path} is not a torch.save zip archive (a .ckpt should be a zip file).{hint}') from e
+          f"{path} is not a torch.save zip archive (a .ckpt should be a zip file).{hint}") from e
     names = self.zip.namelist()
-    pkl = [n for n in names if n == 'data.pkl' or n.endswith('/data.pkl')]
+    pkl = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
     if not pkl:
       self.zip.close()
       raise CheckpointFormatError(
-          f'{path} is a zip file but has no data.pkl entry; found {names[:10]}'
+          f"{path} is a zip file but has no data.pkl entry; found {names[:10]}"
           f'{"..." if len(names) > 10 else ""}. Is it a torch.save checkpoint?')
     self.pkl_name = min(pkl, key=len)
-    self.prefix = self.pkl_name[:-len('data.pkl')]  # 'archive/' (or '' for a flat zip)
-    byteorder = 'little'
-    if self.prefix + 'byteorder' in names:
-      byteorder = self.zip.read(self.prefix + 'byteorder').decode('ascii', 'replace').strip()
-      if byteorder not in ('little', 'big'):
+    self.prefix = self.pkl_name[:-len("data.pkl")]  # 'archive/' (or '' for a flat zip)
+    byteorder = "little"
+    if self.prefix + "byteorder" in names:
+      byteorder = self.zip.read(self.prefix + "byteorder").decode("ascii", "replace").strip()
+      if byteorder not in ("little", "big"):
         raise CheckpointFormatError(f"{path}: byteorder entry must be little or big, got "
-                                    f'{byteorder!r}')
+                                    f"{byteorder!r}")
     self.byteorder = byteorder
     self._storages: dict[str, _Storage] = {}
 
@@ -542,15 +553,15 @@ class _ArchiveReader:
     try:
       data = self.zip.read(self.pkl_name)
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-      raise CheckpointFormatError(f'{self.path}: cannot read {self.pkl_name}: {e}') from e
+      raise CheckpointFormatError(f"{self.path}: cannot read {self.pkl_name}: {e}") from e
     unpickler = _SafeUnpickler(io.BytesIO(data), self, strict)
     try:
       return unpickler.load()
     except (UnsafeCheckpointError, CheckpointFormatError):
       raise
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointFormatError(f'{self.path}: corrupt pickle in {self.pkl_name}: '
-                                  f'{type(e).__name__}: {e}') from e
+      raise CheckpointFormatError(f"{self.path}: corrupt pickle in {self.pkl_name}: "
+                                  f"{type(e).__name__}: {e}") from e
 
   def storage(self, key: str, dtype: np.dtype, numel: int) -> _Storage:
     if key in self._storages:
@@ -558,31 +569,31 @@ class _ArchiveReader:
       if st.dtype.itemsize * st.numel != dtype.itemsize * numel:
         raise CheckpointFormatError(f"storage '{key}' referenced with two different sizes")
       return st
-    name = f'{self.prefix}data/{key}'
+    name = f"{self.prefix}data/{key}"
     try:
       info = self.zip.getinfo(name)
     except KeyError:
-      raise CheckpointFormatError(f'{self.path}: the pickle refers to storage {name}, which '
-                                  'is not in the archive') from None
+      raise CheckpointFormatError(f"{self.path}: the pickle refers to storage {name}, which "
+                                  "is not in the archive") from None
     if info.file_size != numel * dtype.itemsize:
       raise CheckpointFormatError(
-          f'{self.path}: storage {name} should hold {numel} x {dtype.itemsize} bytes = '
-          f'{numel * dtype.itemsize} bytes, found {info.file_size}')
+          f"{self.path}: storage {name} should hold {numel} x {dtype.itemsize} bytes = "
+          f"{numel * dtype.itemsize} bytes, found {info.file_size}")
     st = _Storage(self, key, dtype, numel)
     self._storages[key] = st
     return st
 
   def read_storage(self, key: str, dtype: np.dtype, numel: int) -> np.ndarray:
-    name = f'{self.prefix}data/{key}'
+    name = f"{self.prefix}data/{key}"
     try:
       buf = self.zip.read(name)
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-      raise CheckpointFormatError(f'{self.path}: cannot read {name}: {e}') from e
+      raise CheckpointFormatError(f"{self.path}: cannot read {name}: {e}") from e
     if len(buf) != numel * dtype.itemsize:
-      raise CheckpointFormatError(f'{self.path}: {name} has {len(buf)} bytes, expected '
-                                  f'{numel * dtype.itemsize}')
-    if self.byteorder == 'big' and dtype.itemsize > 1:
-      unit = dtype.itemsize // 2 if dtype.kind == 'c' else dtype.itemsize
+      raise CheckpointFormatError(f"{self.path}: {name} has {len(buf)} bytes, expected "
+                                  f"{numel * dtype.itemsize}")
+    if self.byteorder == "big" and dtype.itemsize > 1:
+      unit = dtype.itemsize // 2 if dtype.kind == "c" else dtype.itemsize
       buf = np.frombuffer(buf, np.uint8).reshape(-1, unit)[:, ::-1].tobytes()
     return np.frombuffer(buf, dtype=dtype, count=numel)
 
@@ -596,7 +607,7 @@ def _materialize(obj, memo=None):
   if isinstance(obj, _TensorRef):
     out = obj.materialize()
   elif isinstance(obj, _UnknownGlobal):
-    out = obj.__dict__['_record']
+    out = obj.__dict__["_record"]
   elif isinstance(obj, dict):  # dict, OrderedDict, HParams: keep the type
     out = type(obj)()
     memo[id(obj)] = out
@@ -617,9 +628,9 @@ def _materialize(obj, memo=None):
 def _open(path) -> _ArchiveReader:
   path = os.fspath(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f'checkpoint not found: {path}')
+    raise FileNotFoundError(f"checkpoint not found: {path}")
   if os.path.isdir(path):
-    raise CheckpointFormatError(f'{path} is a directory, expected a .ckpt file')
+    raise CheckpointFormatError(f"{path} is a directory, expected a .ckpt file")
   return _ArchiveReader(path)
 
 
@@ -670,8 +681,8 @@ def read_state_dict(path, *, strict: bool = True) -> dict[str, np.ndarray]:
   archive = _open(path)
   try:
     obj = archive.load_pickle(strict)
-    if isinstance(obj, dict) and 'state_dict' in obj:
-      sd = obj['state_dict']
+    if isinstance(obj, dict) and "state_dict" in obj:
+      sd = obj["state_dict"]
       if not isinstance(sd, dict):
         raise CheckpointFormatError(
             f"{path}: 'state_dict' must be a dict of tensors, found {type(sd).__name__}")
@@ -682,11 +693,11 @@ def read_state_dict(path, *, strict: bool = True) -> dict[str, np.ndarray]:
       raise CheckpointFormatError(
           f"{path}: no 'state_dict' entry; expected a Lightning checkpoint (a dict with "
           f"'state_dict') or a dict of tensors, found {type(obj).__name__}"
-          + (f' with keys {keys}' if keys is not None else ''))
+          + (f" with keys {keys}" if keys is not None else ""))
     bad = {str(k): type(v).__name__ for k, v in sd.items() if not isinstance(v, _TensorRef)}
     if bad:
       raise UnsafeCheckpointError(
-          f'{path}: state dict entries that are not tensors: {_short_repr(bad, 500)}')
+          f"{path}: state dict entries that are not tensors: {_short_repr(bad, 500)}")
     return {str(k): v.materialize() for k, v in sd.items()}
   finally:
     archive.close()
@@ -709,35 +720,35 @@ def expected_torch_shapes(*, fs: float, num_classes: int, img_size: int = 32,
     ``{'begin.layer.weight': (c1, in_channels, 3, 3), ..., 'mlp1.layer.bias': (classes,)}``.
   """
   if img_size not in IMG_SIZES:
-    raise ValueError(f'img_size must be one of {IMG_SIZES}, got {img_size!r}')
+    raise ValueError(f"img_size must be one of {IMG_SIZES}, got {img_size!r}")
   c1, c2, c3, c4 = (int(64 * fs), int(128 * fs), int(256 * fs), int(512 * fs))
   if min(c1, num_classes, in_channels) < 1:
-    raise ValueError(f'fs={fs}, num_classes={num_classes}, in_channels={in_channels} give an '
-                     'empty layer')
-  io_ = {'begin': (in_channels, c1), 'layer1': (c1, c1), 'layer2': (c1, c2),
-         'layer3': (c2, c3), 'layer4': (c3, c4)}
+    raise ValueError(f"fs={fs}, num_classes={num_classes}, in_channels={in_channels} give an "
+                     "empty layer")
+  io_ = {"begin": (in_channels, c1), "layer1": (c1, c1), "layer2": (c1, c2),
+         "layer3": (c2, c3), "layer4": (c3, c4)}
   shapes = {}
   for name in CONV_LAYERS:
     i, o = io_[name]
-    shapes[f'{name}.layer.weight'] = (o, i, 3, 3)
-    shapes[f'{name}.layer.bias'] = (o,)
-  shapes['mlp1.layer.weight'] = (num_classes, c4 * 4 * 4)
-  shapes['mlp1.layer.bias'] = (num_classes,)
+    shapes[f"{name}.layer.weight"] = (o, i, 3, 3)
+    shapes[f"{name}.layer.bias"] = (o,)
+  shapes["mlp1.layer.weight"] = (num_classes, c4 * 4 * 4)
+  shapes["mlp1.layer.bias"] = (num_classes,)
   return shapes
 
 
 def _architecture_hint(sd: Mapping[str, np.ndarray]) -> str:
   """What architecture the found shapes suggest, for error messages."""
   try:
-    c1, in_ch = sd['begin.layer.weight'].shape[:2]
-    classes = sd['mlp1.layer.weight'].shape[0]
-    return (f' The checkpoint looks like fs={c1 / 64:g}, num_classes={classes}, '
-            f'in_channels={in_ch}.')
+    c1, in_ch = sd["begin.layer.weight"].shape[:2]
+    classes = sd["mlp1.layer.weight"].shape[0]
+    return (f" The checkpoint looks like fs={c1 / 64:g}, num_classes={classes}, "
+            f"in_channels={in_ch}.")
   except (KeyError, AttributeError, ValueError):
-    return ''
+    return ""
 
 
-def to_flax_params(state_dict: Mapping[str, Any], *, variant: str = 'BITnet6', fs: float,
+def to_flax_params(state_dict: Mapping[str, Any], *, variant: str = "BITnet6", fs: float,
                    num_classes: int, img_size: int = 32, in_channels: int = 3
                    ) -> dict[str, dict[str, np.ndarray]]:
   """Converts a release state dict to our Flax parameters (docs/INTERFACES.md).
@@ -762,7 +773,7 @@ def to_flax_params(state_dict: Mapping[str, Any], *, variant: str = 'BITnet6', f
       names each key with the expected and the found shape), non-floating tensors.
   """
   if variant not in VARIANTS:
-    raise ValueError(f'variant must be one of {VARIANTS}, got {variant!r}')
+    raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
   expected = expected_torch_shapes(fs=fs, num_classes=num_classes, img_size=img_size,
                                    in_channels=in_channels)
   sd: dict[str, Any] = {}
@@ -775,41 +786,41 @@ def to_flax_params(state_dict: Mapping[str, Any], *, variant: str = 'BITnet6', f
   unexpected = [PREFIX + k for k in sd if k not in expected]
   if missing or unexpected:
     raise ValueError(
-        f'state dict does not match a {variant} (fs={fs}, num_classes={num_classes}): '
-        f'missing keys {missing}, unexpected keys {unexpected}.')
-  mismatched = [f'{PREFIX}{k}: expected {expected[k]}, found {tuple(np.shape(sd[k]))}'
+        f"state dict does not match a {variant} (fs={fs}, num_classes={num_classes}): "
+        f"missing keys {missing}, unexpected keys {unexpected}.")
+  mismatched = [f"{PREFIX}{k}: expected {expected[k]}, found {tuple(np.shape(sd[k]))}"
                 for k in expected if tuple(np.shape(sd[k])) != expected[k]]
   if mismatched:
     raise ValueError(
-        f'state dict shapes do not match a {variant} with fs={fs}, num_classes={num_classes}, '
-        f'img_size={img_size}, in_channels={in_channels}: ' + '; '.join(mismatched) + '.'
+        f"state dict shapes do not match a {variant} with fs={fs}, num_classes={num_classes}, "
+        f"img_size={img_size}, in_channels={in_channels}: " + "; ".join(mismatched) + "."
         + _architecture_hint(sd))
   params = {}
   for name in LAYERS:
-    w = np.asarray(sd[f'{name}.layer.weight'])
-    b = np.asarray(sd[f'{name}.layer.bias'])
-    for key, arr in (('weight', w), ('bias', b)):
-      if arr.dtype.kind != 'f' and str(arr.dtype) != 'bfloat16':
-        raise ValueError(f'{PREFIX}{name}.layer.{key} must be floating point, found {arr.dtype}')
+    w = np.asarray(sd[f"{name}.layer.weight"])
+    b = np.asarray(sd[f"{name}.layer.bias"])
+    for key, arr in (("weight", w), ("bias", b)):
+      if arr.dtype.kind != "f" and str(arr.dtype) != "bfloat16":
+        raise ValueError(f"{PREFIX}{name}.layer.{key} must be floating point, found {arr.dtype}")
     w, b = w.astype(np.float32), b.astype(np.float32)
-    if name == 'mlp1':
+    if name == "mlp1":
       c4 = w.shape[1] // 16
       kernel = w.reshape(num_classes, c4, 4, 4)  # (out, C, H, W)
       kernel = kernel.transpose(2, 3, 1, 0).reshape(16 * c4, num_classes)  # (H*W*C, out)
     else:
       kernel = w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    params[name] = {'kernel': np.ascontiguousarray(kernel), 'bias': b}
+    params[name] = {"kernel": np.ascontiguousarray(kernel), "bias": b}
   return params
 
 
 def _unwrap_params(params) -> Mapping[str, Any]:
-  if hasattr(params, 'params') and hasattr(params, 'module'):  # a bitnet_jax Model
+  if hasattr(params, "params") and hasattr(params, "module"):  # a bitnet_jax Model
     params = params.params
-  if isinstance(params, Mapping) and set(params) == {'params'}:
-    params = params['params']
+  if isinstance(params, Mapping) and set(params) == {"params"}:
+    params = params["params"]
   if not isinstance(params, Mapping) or set(params) != set(LAYERS):
     found = sorted(params) if isinstance(params, Mapping) else type(params).__name__
-    raise ValueError(f'params must have exactly the layers {list(LAYERS)}, found {found}')
+    raise ValueError(f"params must have exactly the layers {list(LAYERS)}, found {found}")
   return params
 
 
@@ -826,40 +837,40 @@ def to_torch_state_dict(params) -> dict[str, np.ndarray]:
   params = _unwrap_params(params)
   out = {}
   for name in LAYERS:
-    kernel = np.asarray(params[name]['kernel'])
-    bias = np.asarray(params[name]['bias'])
-    if name == 'mlp1':
-      c4 = np.shape(params['layer4']['kernel'])[-1]
+    kernel = np.asarray(params[name]["kernel"])
+    bias = np.asarray(params[name]["bias"])
+    if name == "mlp1":
+      c4 = np.shape(params["layer4"]["kernel"])[-1]
       hw, rem = divmod(kernel.shape[0], c4)
       side = math.isqrt(hw)
       if kernel.ndim != 2 or rem or side * side != hw:
-        raise ValueError(f'mlp1 kernel must be (H*W*{c4}, classes) with H == W, found '
-                         f'{kernel.shape}')
+        raise ValueError(f"mlp1 kernel must be (H*W*{c4}, classes) with H == W, found "
+                         f"{kernel.shape}")
       w = kernel.reshape(side, side, c4, -1).transpose(3, 2, 0, 1)  # (out, C, H, W)
       w = w.reshape(w.shape[0], -1)
     else:
       if kernel.ndim != 4:
-        raise ValueError(f'{name} kernel must be HWIO, found shape {kernel.shape}')
+        raise ValueError(f"{name} kernel must be HWIO, found shape {kernel.shape}")
       w = kernel.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-    out[f'{PREFIX}{name}.layer.weight'] = np.ascontiguousarray(w)
-    out[f'{PREFIX}{name}.layer.bias'] = bias
+    out[f"{PREFIX}{name}.layer.weight"] = np.ascontiguousarray(w)
+    out[f"{PREFIX}{name}.layer.bias"] = bias
   return out
 
 
 def to_reference_weights(params) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """Our Flax parameters as ``{'begin': (W_oihw, b), ..., 'mlp1': (W, b)}`` for `reference.run`."""
   sd = to_torch_state_dict(params)
-  return {name: (sd[f'{PREFIX}{name}.layer.weight'], sd[f'{PREFIX}{name}.layer.bias'])
+  return {name: (sd[f"{PREFIX}{name}.layer.weight"], sd[f"{PREFIX}{name}.layer.bias"])
           for name in LAYERS}
 
 
 # ============================================================================ writing
 
 _NP_TO_STORAGE = {
-    'float32': 'FloatStorage', 'float64': 'DoubleStorage', 'float16': 'HalfStorage',
-    'bfloat16': 'BFloat16Storage', 'int64': 'LongStorage', 'int32': 'IntStorage',
-    'int16': 'ShortStorage', 'int8': 'CharStorage', 'uint8': 'ByteStorage', 'bool': 'BoolStorage',
-    'complex64': 'ComplexFloatStorage', 'complex128': 'ComplexDoubleStorage',
+    "float32": "FloatStorage", "float64": "DoubleStorage", "float16": "HalfStorage",
+    "bfloat16": "BFloat16Storage", "int64": "LongStorage", "int32": "IntStorage",
+    "int16": "ShortStorage", "int8": "CharStorage", "uint8": "ByteStorage", "bool": "BoolStorage",
+    "complex64": "ComplexFloatStorage", "complex128": "ComplexDoubleStorage",
 }
 
 
@@ -873,120 +884,116 @@ class _PickleWriter:
     self.storages: list[np.ndarray] = []
 
   def dump(self, obj) -> bytes:
-    self.out.write(b'\x80\x02')  # PROTO 2
+    self.out.write(b"\x80\x02")  # PROTO 2
     self._save(obj)
-    self.out.write(b'.')  # STOP
+    self.out.write(b".")  # STOP
     return self.out.getvalue()
 
   def _global(self, module: str, name: str):
-    self.out.write(b'c' + module.encode() + b'\n' + name.encode() + b'\n')
+    self.out.write(b"c" + module.encode() + b"\n" + name.encode() + b"\n")
 
   def _str(self, s: str):
-    data = s.encode('utf-8', 'surrogatepass')
-    self.out.write(b'X' + struct.pack('<I', len(data)) + data)  # BINUNICODE
+    data = s.encode("utf-8", "surrogatepass")
+    self.out.write(b"X" + struct.pack("<I", len(data)) + data)  # BINUNICODE
 
   def _int(self, i: int):
     if 0 <= i < 256:
-      self.out.write(b'K' + struct.pack('<B', i))  # BININT1
+      self.out.write(b"K" + struct.pack("<B", i))  # BININT1
     elif -2**31 <= i < 2**31:
-      self.out.write(b'J' + struct.pack('<i', i))  # BININT
+      self.out.write(b"J" + struct.pack("<i", i))  # BININT
     else:
       data = pickle.encode_long(i)
       if len(data) > 255:
-        raise ValueError(f'integer too large for the checkpoint writer: {i}')
-      self.out.write(b'\x8a' + struct.pack('<B', len(data)) + data)  # LONG1
+        raise ValueError(f"integer too large for the checkpoint writer: {i}")
+      self.out.write(b"\x8a" + struct.pack("<B", len(data)) + data)  # LONG1
 
   def _tuple(self, items):
     if not items:
-      self.out.write(b')')  # EMPTY_TUPLE
+      self.out.write(b")")  # EMPTY_TUPLE
       return
-    self.out.write(b'(')  # MARK
+    self.out.write(b"(")  # MARK
     for it in items:
       self._save(it)
-    self.out.write(b't')  # TUPLE
+    self.out.write(b"t")  # TUPLE
 
   def _items(self, mapping):
     if mapping:
-      self.out.write(b'(')  # MARK
+      self.out.write(b"(")  # MARK
       for k, v in mapping.items():
         self._save(k)
         self._save(v)
-      self.out.write(b'u')  # SETITEMS
+      self.out.write(b"u")  # SETITEMS
 
   def _tensor(self, arr: np.ndarray):
-    if arr.dtype.byteorder not in ('=', '|'):
-      arr = arr.astype(arr.dtype.newbyteorder('='))  # native; see the 'byteorder' record
+    if arr.dtype.byteorder not in ("=", "|"):
+      arr = arr.astype(arr.dtype.newbyteorder("="))  # native; see the 'byteorder' record
     dtype_name = str(arr.dtype)
     if dtype_name not in _NP_TO_STORAGE:
-      raise TypeError(f'cannot write an array of dtype {arr.dtype} as a torch tensor; '
-                      f'supported: {sorted(_NP_TO_STORAGE)}')
+      raise TypeError(f"cannot write an array of dtype {arr.dtype} as a torch tensor; "
+                      f"supported: {sorted(_NP_TO_STORAGE)}")
     if not arr.flags.c_contiguous:
-      arr = arr.copy(order='C')  # (np.ascontiguousarray would turn 0-d into 1-d)
+      arr = arr.copy(order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
     key = str(len(self.storages))
     self.storages.append(arr)
     strides = tuple(s // arr.itemsize for s in arr.strides) if arr.size else (
         tuple(int(math.prod(arr.shape[i + 1:])) for i in range(arr.ndim)))
-    self._global('torch._utils', '_rebuild_tensor_v2')
-    self.out.write(b'(')  # MARK: args of _rebuild_tensor_v2
-    self.out.write(b'(')  # MARK: persistent id
-    self._str('storage')
-    self._global('torch', _NP_TO_STORAGE[dtype_name])
+    self._global("torch._utils", "_rebuild_tensor_v2")
+    self.out.write(b"(")  # MARK: args of _rebuild_tensor_v2
+    self.out.write(b"(")  # MARK: persistent id
+    self._str("storage")
+    self._global("torch", _NP_TO_STORAGE[dtype_name])
     self._str(key)
-    self._str('cpu')
+    self._str("cpu")
     self._int(arr.size)
-    self.out.write(b't')  # TUPLE
-    self.out.write(b'Q')  # BINPERSID
+    self.out.write(b"t")  # TUPLE
+    self.out.write(b"Q")  # BINPERSID
     self._int(0)  # storage offset
     self._tuple(tuple(int(d) for d in arr.shape))
     self._tuple(strides)
-    self.out.write(b'\x89')  # requires_grad = False
-    self._global('collections', 'OrderedDict')  # backward hooks: OrderedDict()
-    self.out.write(b')R')
-    self.out.write(b't')  # TUPLE
-    self.out.write(b'R')  # REDUCE
+    self.out.write(b"\x89")  # requires_grad = False
+    self._global("collections", "OrderedDict")  # backward hooks: OrderedDict()
+    self.out.write(b")R")
+    self.out.write(b"t")  # TUPLE
+    self.out.write(b"R")  # REDUCE
 
   def _save(self, obj):
     if obj is None:
-      self.out.write(b'N')
+      self.out.write(b"N")
     elif obj is True or obj is False:
-      self.out.write(b'\x88' if obj else b'\x89')
+      self.out.write(b"\x88" if obj else b"\x89")
     elif isinstance(obj, (int, np.integer)) and not isinstance(obj, np.bool_):
       self._int(int(obj))
     elif isinstance(obj, (float, np.floating)):
-      self.out.write(b'G' + struct.pack('>d', float(obj)))  # BINFLOAT
+      self.out.write(b"G" + struct.pack(">d", float(obj)))  # BINFLOAT
     elif isinstance(obj, np.bool_):
       self._save(bool(obj))
     elif isinstance(obj, str):
       self._str(obj)
     elif isinstance(obj, bytes):  # protocol 2: _codecs.encode(latin1_str, 'latin1')
-      if not obj:
-        self._global('__builtin__', 'bytes')
-        self.out.write(b')R')
-      else:
-        self._global('_codecs', 'encode')
-        self._tuple((obj.decode('latin1'), 'latin1'))
-        self.out.write(b'R')
+      self._global("_codecs", "encode")  # (torch's weights_only loader refuses builtins.bytes)
+      self._tuple((obj.decode("latin1"), "latin1"))
+      self.out.write(b"R")
     elif isinstance(obj, collections.OrderedDict):
-      self._global('collections', 'OrderedDict')
-      self.out.write(b')R')  # OrderedDict()
+      self._global("collections", "OrderedDict")
+      self.out.write(b")R")  # OrderedDict()
       self._items(obj)
     elif isinstance(obj, Mapping):
-      self.out.write(b'}')  # EMPTY_DICT
+      self.out.write(b"}")  # EMPTY_DICT
       self._items(obj)
     elif isinstance(obj, list):
-      self.out.write(b']')  # EMPTY_LIST
+      self.out.write(b"]")  # EMPTY_LIST
       if obj:
-        self.out.write(b'(')
+        self.out.write(b"(")
         for it in obj:
           self._save(it)
-        self.out.write(b'e')  # APPENDS
+        self.out.write(b"e")  # APPENDS
     elif isinstance(obj, tuple):
       self._tuple(obj)
-    elif isinstance(obj, np.ndarray) or hasattr(obj, '__array__'):
+    elif isinstance(obj, np.ndarray) or hasattr(obj, "__array__"):
       self._tensor(np.asarray(obj))
     else:
-      raise TypeError(f'write_checkpoint cannot write a {type(obj).__name__}; use dicts, '
-                      'lists, tuples, str, bytes, numbers, None and arrays')
+      raise TypeError(f"write_checkpoint cannot write a {type(obj).__name__}; use dicts, "
+                      "lists, tuples, str, bytes, numbers, None and arrays")
 
 
 def write_checkpoint(path, state_dict: Mapping[str, Any], extra: Mapping[str, Any] | None = None
@@ -1008,36 +1015,36 @@ def write_checkpoint(path, state_dict: Mapping[str, Any], extra: Mapping[str, An
     ValueError: ``extra`` has a 'state_dict' key.
   """
   extra = dict(extra or {})
-  if 'state_dict' in extra:
+  if "state_dict" in extra:
     raise ValueError("extra must not contain 'state_dict'; pass it as state_dict")
   for k, v in state_dict.items():
-    if not isinstance(k, str) or not (isinstance(v, np.ndarray) or hasattr(v, '__array__')):
-      raise TypeError(f'state_dict must map str to arrays, found {k!r}: {type(v).__name__}')
-  obj = {'state_dict': collections.OrderedDict(state_dict), **extra}
+    if not isinstance(k, str) or not (isinstance(v, np.ndarray) or hasattr(v, "__array__")):
+      raise TypeError(f"state_dict must map str to arrays, found {k!r}: {type(v).__name__}")
+  obj = {"state_dict": collections.OrderedDict(state_dict), **extra}
   writer = _PickleWriter()
   pkl = writer.dump(obj)
 
   path = os.fspath(path)
-  tmp = f'{path}.tmp{os.getpid()}'
-  prefix = 'archive/'
+  tmp = f"{path}.tmp{os.getpid()}"
+  prefix = "archive/"
   try:
-    with open(tmp, 'wb') as f, zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as zf:
+    with open(tmp, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
       def record(name: str, data: bytes, align: bool = False):
         info = zipfile.ZipInfo(prefix + name, date_time=(1980, 1, 1, 0, 0, 0))
         info.compress_type = zipfile.ZIP_STORED
         if align:  # pad the local header so the data starts at a multiple of 64 bytes
           start = f.tell() + 30 + len(info.filename.encode()) + 4
           pad = -start % 64
-          info.extra = b'FB' + struct.pack('<H', pad) + b'\0' * pad
+          info.extra = b"FB" + struct.pack("<H", pad) + b"\0" * pad
         zf.writestr(info, data)
 
-      record('data.pkl', pkl)
-      record('.format_version', b'1')
-      record('.storage_alignment', b'64')
-      record('byteorder', sys.byteorder.encode())
+      record("data.pkl", pkl)
+      record(".format_version", b"1")
+      record(".storage_alignment", b"64")
+      record("byteorder", sys.byteorder.encode())
       for i, arr in enumerate(writer.storages):
-        record(f'data/{i}', arr.tobytes(), align=True)
-      record('version', b'3\n')
+        record(f"data/{i}", arr.tobytes(), align=True)
+      record("version", b"3\n")
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -1047,8 +1054,8 @@ def write_checkpoint(path, state_dict: Mapping[str, Any], extra: Mapping[str, An
 # ============================================================================ model
 
 
-def load_torch_checkpoint(path, *, variant: str = 'BITnet6', fs: float, num_classes: int,
-                          img_size: int = 32, in_channels: int = 3, surrogate: str = 'ste',
+def load_torch_checkpoint(path, *, variant: str = "BITnet6", fs: float, num_classes: int,
+                          img_size: int = 32, in_channels: int = 3, surrogate: str = "ste",
                           strict: bool = True, **create_kwargs):
   """Builds a `bitnet_jax.Model` with the weights of a release checkpoint.
 
@@ -1085,7 +1092,7 @@ def load_torch_checkpoint(path, *, variant: str = 'BITnet6', fs: float, num_clas
   got = {jax.tree_util.keystr(k): (tuple(v.shape), str(v.dtype))
          for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   if want != got:
-    raise ValueError(f'converted parameters {got} do not match the parameters of '
-                     f'create_model({variant!r}, fs={fs}, ...): {want}')
+    raise ValueError(f"converted parameters {got} do not match the parameters of "
+                     f"create_model({variant!r}, fs={fs}, ...): {want}")
   params = jax.tree_util.tree_map(jnp.asarray, params)
   return model.replace(params=params)

@@ -1,0 +1,28 @@
+"""BITnet6 (fs=4) on CIFAR-10, the seed's standard model: 50 time steps in training and evaluation.
+
+  python train.py --config configs/cifar10.py --workdir workdirs/cifar10
+  python eval.py --config configs/cifar10.py --workdir workdirs/cifar10          # T=50
+
+Expected top-1: 94.37 % (the seed's evaluation of the release's weights, T=50). The release does
+not ship its training recipe; this config's recipe (AdamW, cosine, crop_flip) has not been run
+to completion at this size yet.
+Sized for one modern GPU/TPU (25.7 M parameters; add --config.compute_dtype=bfloat16 there);
+CIFAR-10 comes from TFDS (downloaded on first use) or from `cifar-10-batches-py/` in --config.data_dir.
+"""
+
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.dataset = "cifar10"
+  c.fs = 4.0
+  c.time_steps = 50
+  c.eval_time_steps = 50
+  c.augment = "crop_flip"
+  c.batch_size = 128
+  c.eval_batch_size = 128
+  c.num_epochs = 200
+  c.chunk = 10          # 5 chunks of 10 time steps: bounded activation memory on the accelerator
+  c.remat = "chunk"
+  return c
