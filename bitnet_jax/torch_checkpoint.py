@@ -56,6 +56,7 @@ import pickle
 import struct
 import sys
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -528,10 +529,18 @@ class _ArchiveReader:
                 "recent torch.save to read it here.")
       raise CheckpointFormatError(
           f"{path} is not a torch.save zip archive (a .ckpt should be a zip file).{hint}") from e
+    try:
+      self._index()
+    except BaseException:
+      self.zip.close()
+      raise
+
+  def _index(self):
+    """Finds data.pkl, the archive's folder prefix and its byte order."""
+    path = self.path
     names = self.zip.namelist()
     pkl = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
     if not pkl:
-      self.zip.close()
       raise CheckpointFormatError(
           f"{path} is a zip file but has no data.pkl entry; found {names[:10]}"
           f'{"..." if len(names) > 10 else ""}. Is it a torch.save checkpoint?')
@@ -552,7 +561,7 @@ class _ArchiveReader:
   def load_pickle(self, strict: bool):
     try:
       data = self.zip.read(self.pkl_name)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
       raise CheckpointFormatError(f"{self.path}: cannot read {self.pkl_name}: {e}") from e
     unpickler = _SafeUnpickler(io.BytesIO(data), self, strict)
     try:
@@ -587,7 +596,7 @@ class _ArchiveReader:
     name = f"{self.prefix}data/{key}"
     try:
       buf = self.zip.read(name)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
       raise CheckpointFormatError(f"{self.path}: cannot read {name}: {e}") from e
     if len(buf) != numel * dtype.itemsize:
       raise CheckpointFormatError(f"{self.path}: {name} has {len(buf)} bytes, expected "
@@ -674,9 +683,10 @@ def read_state_dict(path, *, strict: bool = True) -> dict[str, np.ndarray]:
 
   Raises:
     FileNotFoundError: no such file.
-    CheckpointFormatError: not a torch.save zip, corrupt, or no state dict in it.
-    UnsafeCheckpointError: refused global (see the module docstring), or a state-dict entry
-      that is not a tensor.
+    CheckpointFormatError: not a torch.save zip, corrupt, no state dict in it, or a state-dict
+      entry that is not a tensor.
+    UnsafeCheckpointError: refused global (see the module docstring), also inside the state
+      dict with ``strict=False``.
   """
   archive = _open(path)
   try:
@@ -694,10 +704,12 @@ def read_state_dict(path, *, strict: bool = True) -> dict[str, np.ndarray]:
           f"{path}: no 'state_dict' entry; expected a Lightning checkpoint (a dict with "
           f"'state_dict') or a dict of tensors, found {type(obj).__name__}"
           + (f" with keys {keys}" if keys is not None else ""))
-    bad = {str(k): type(v).__name__ for k, v in sd.items() if not isinstance(v, _TensorRef)}
+    bad = {str(k): repr(v) for k, v in sd.items() if not isinstance(v, _TensorRef)}
     if bad:
-      raise UnsafeCheckpointError(
-          f"{path}: state dict entries that are not tensors: {_short_repr(bad, 500)}")
+      error = CheckpointFormatError
+      if any(isinstance(v, (_UnknownGlobal, type)) for v in sd.values()):
+        error = UnsafeCheckpointError  # refused objects must never pass as weights
+      raise error(f"{path}: state dict entries that are not tensors: {_short_repr(bad, 500)}")
     return {str(k): v.materialize() for k, v in sd.items()}
   finally:
     archive.close()
