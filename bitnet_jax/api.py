@@ -19,8 +19,8 @@ class Model(flax.struct.PyTreeNode):
 
 def create_model(variant: str = "BITnet6", *, fs: float, num_classes: int, img_size: int = 32,
                  in_channels: int = 3, surrogate: str = "ste", dtype=jnp.float32,
-                 seed: int = 0) -> Model:
-  """Builds a BITnet with freshly initialised parameters (PyTorch's default init).
+                 seed: int = 0, params=None) -> Model:
+  """Builds a BITnet with freshly initialised parameters (PyTorch's default init) or given ones.
 
   Args:
     variant: "BITnet6" or "BITnet6_v101".
@@ -31,6 +31,7 @@ def create_model(variant: str = "BITnet6", *, fs: float, num_classes: int, img_s
     surrogate: surrogate gradient name, e.g. "ste" or "atan:2".
     dtype: compute dtype of the convolutions (parameters stay float32).
     seed: PRNG seed of the initialisation.
+    params: use these parameters instead (checked against the architecture's shapes).
 
   Returns:
     A `Model`.
@@ -40,8 +41,17 @@ def create_model(variant: str = "BITnet6", *, fs: float, num_classes: int, img_s
   module = models.VARIANTS[variant](fs=fs, num_classes=num_classes, img_size=img_size,
                                     in_channels=in_channels, surrogate=surrogate, dtype=dtype)
   dummy = jnp.zeros((1, img_size, img_size, in_channels), jnp.float32)
-  params = jax.jit(module.init)(jax.random.PRNGKey(seed), dummy)["params"]
-  return Model(module, params)
+  if params is None:
+    params = jax.jit(module.init)(jax.random.PRNGKey(seed), dummy)["params"]
+    return Model(module, params)
+  expected = jax.eval_shape(module.init, jax.random.PRNGKey(seed), dummy)["params"]
+  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+  got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  if want != got:
+    bad = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+    raise ValueError("params do not fit the architecture: " + "; ".join(
+        f"{k}: expected {want.get(k)}, found {got.get(k)}" for k in bad))
+  return Model(module, jax.tree_util.tree_map(jnp.asarray, params))
 
 
 def count_params(model_or_params) -> int:

@@ -1083,28 +1083,18 @@ def load_torch_checkpoint(path, *, variant: str = "BITnet6", fs: float, num_clas
     **create_kwargs: passed on to `bitnet_jax.create_model` (e.g. ``dtype``).
 
   Returns:
-    ``create_model(variant, fs=..., ...).replace(params=params)``.
+    ``create_model(variant, fs=..., ..., params=params)``: a `bitnet_jax.Model`.
 
   Raises:
     FileNotFoundError, CheckpointFormatError, UnsafeCheckpointError: see `read_state_dict`.
     ValueError: the weights do not fit the requested architecture.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import bitnet_jax  # pylint: disable=import-outside-toplevel
 
   state_dict = read_state_dict(path, strict=strict)
   params = to_flax_params(state_dict, variant=variant, fs=fs, num_classes=num_classes,
                           img_size=img_size, in_channels=in_channels)
-  model = bitnet_jax.create_model(variant, fs=fs, num_classes=num_classes, img_size=img_size,
-                                  in_channels=in_channels, surrogate=surrogate, **create_kwargs)
-  # Cross-check against the module's own parameter tree (same layers, shapes and dtypes).
-  want = {jax.tree_util.keystr(k): (tuple(v.shape), str(v.dtype))
-          for k, v in jax.tree_util.tree_flatten_with_path(model.params)[0]}
-  got = {jax.tree_util.keystr(k): (tuple(v.shape), str(v.dtype))
-         for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  if want != got:
-    raise ValueError(f"converted parameters {got} do not match the parameters of "
-                     f"create_model({variant!r}, fs={fs}, ...): {want}")
-  params = jax.tree_util.tree_map(jnp.asarray, params)
-  return model.replace(params=params)
+  # create_model checks the converted tree against the module's own shapes (no random init).
+  return bitnet_jax.create_model(variant, fs=fs, num_classes=num_classes, img_size=img_size,
+                                 in_channels=in_channels, surrogate=surrogate, params=params,
+                                 **create_kwargs)
