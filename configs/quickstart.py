@@ -3,7 +3,11 @@ data/), on a 2-core CPU with no network and nothing to download.
 
   python train.py --config configs/quickstart.py
 
-Expected: (filled in from a measured run)
+Expected: top-1 80.7 % on the subset's 1,000 test images (T=4) after 4 epochs (748 optimizer
+steps); training took 6 min on the 2-core CPU while other jobs shared it (2026-11-28). Evaluating
+that checkpoint at other step counts (python eval.py --config configs/quickstart.py
+--workdir workdirs/quickstart --sweep 1,2,4,8,16,32): 45.5, 73.5, 80.7, 80.3, 78.4, 74.6 %:
+a model trained with few steps is best at its training step count.
 """
 
 from configs import default
@@ -15,7 +19,7 @@ def get_config():
   c.data_dir = "data/fashion_mnist_subset"  # 6,000 train / 1,000 test images, IDX format
   c.fs = 0.25                     # channels 16, 32, 64, 128
   c.time_steps = 4
-  c.eval_time_steps = 8
+  c.eval_time_steps = 4
   c.batch_size = 32
   c.eval_batch_size = 100
   c.num_epochs = 4

@@ -75,7 +75,8 @@ def test_engines_equal_numpy_reference_float64(variant, img_size, classes):
                         images.transpose(0, 3, 1, 2), STEPS, variant=variant)
     assert ref["counts"].sum() > 0 and ref["layer_spikes"].min() > 0
     for engine in ("scan", "parallel"):
-      trace = bitnet_jax.run(model.module, params, jnp.asarray(images), STEPS, engine=engine)
+      run = jax.jit(bitnet_jax.run, static_argnums=(0, 3), static_argnames="engine")
+      trace = run(model.module, params, jnp.asarray(images), STEPS, engine=engine)
       np.testing.assert_array_equal(trace.out_spikes.sum(0), ref["counts"], err_msg=engine)
       np.testing.assert_array_equal(trace.layer_spikes, ref["layer_spikes"], err_msg=engine)
       np.testing.assert_allclose(trace.final_state, ref["final_state"], atol=1e-12)

@@ -221,3 +221,13 @@ def _info(name, classes, hw):
   from bitnet_jax import datasets
   return datasets.DatasetInfo(name=name, num_classes=classes, image_shape=(hw, hw, 3),
                               num_train=1000, num_test=100, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+def test_train_on_tfds_mock_cifar10(tmp_path):
+  """The TFDS path end to end (tfds.testing.mock_data: no network, no TensorFlow)."""
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+    result = trainer.train_and_evaluate(tiny_config(dataset="cifar10", num_epochs=1),
+                                        str(tmp_path))
+  assert result["n"] == 24 and 0 <= result["top1"] <= 1
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
