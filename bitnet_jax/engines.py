@@ -1,6 +1,6 @@
 """Time engines: run a BITnet for T time steps and collect its spikes.
 
-Both engines compute exactly the release's per-step loop (ORIGINAL.md) with the same `bddi`
+Both engines compute exactly the release's per-step loop (docs/ORIGINAL.md) with the same `bddi`
 neuron, so their spikes and gradients agree (up to float-order flips of a convolution's sums):
 
 - `scan`: `jax.lax.scan` over time steps, carrying every layer's membrane state; all six layers
@@ -9,7 +9,7 @@ neuron, so their spikes and gradients agree (up to float-order flips of a convol
   are kept, the step is recomputed) or "every:K" (only every K-th step's states are kept).
 - `parallel`: layer by layer over a chunk of time steps. A layer's conv runs once over the whole
   (T_chunk * B) batch; only the cheap elementwise neuron is stepped in time (a `lax.scan` of
-  `bddi`), which is exactly the running-sum identity of ORIGINAL.md (spikes up to t =
+  `bddi`), which is exactly the running-sum identity of docs/ORIGINAL.md (spikes up to t =
   floor(sum of pred)) evaluated in the release's order. Chunks of `chunk` steps are run one after
   another (carrying the states) so memory is bounded; `remat="chunk"` recomputes a chunk in the
   backward pass instead of keeping it. With one chunk (the default) there is no loop around the

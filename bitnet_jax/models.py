@@ -9,7 +9,7 @@ A module here defines the architecture and the *synapses* (the conv and linear l
 loop, i.e. how the neurons are stepped, lives in `engines.py`, which calls `synapse` one layer at
 a time.
 
-Architecture (ORIGINAL.md), channels int(64*fs), int(128*fs), int(256*fs), int(512*fs):
+Architecture (docs/ORIGINAL.md), channels int(64*fs), int(128*fs), int(256*fs), int(512*fs):
 
     begin : conv in -> 64fs  + IF  [+ 2x2 maxpool when the image is 64x64]
     layer1: conv     -> 64fs  + IF, maxpool

@@ -1,6 +1,6 @@
 """The bddi neuron: one integrate-and-fire step of the original release, with surrogate gradients.
 
-Forward (exactly the release, see ORIGINAL.md), elementwise and in the input dtype:
+Forward (exactly the release, see docs/ORIGINAL.md), elementwise and in the input dtype:
 
     p      = clip(pred, 0, 1)
     c      = state + p

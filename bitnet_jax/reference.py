@@ -1,7 +1,7 @@
 """Plain NumPy reference of the original BITnet release's per-step loop.
 
 This module is the ground truth that the fast JAX engines are tested against. It is written
-only from the description of the PyTorch release (``ORIGINAL.md``) and deliberately shares no
+only from the description of the PyTorch release (``docs/ORIGINAL.md``) and deliberately shares no
 code with the rest of ``bitnet_jax``: it uses the release's own layout (NCHW images, OIHW conv
 weights, ``(out, in)`` linear weights, ``(C, H, W)`` flattening) and simulates the network one
 time step at a time, exactly like the release.
