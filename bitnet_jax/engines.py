@@ -14,7 +14,9 @@ neuron, so their spikes and gradients agree (up to float-order flips of a convol
   another (carrying the states) so memory is bounded; `remat="chunk"` recomputes a chunk in the
   backward pass instead of keeping it. With one chunk (the default) there is no loop around the
   convolutions, so their weight gradients stay out of loop bodies (XLA:CPU runs those ~60x slower,
-  jax issue #12868).
+  jax issue #12868). `remat="stream"` (`ste` surrogate only; `streaming.py`): the forward keeps
+  no activations and the backward re-runs the chunks one at a time, differentiating each on its
+  own, so training memory is one chunk's activations whatever T is (one extra forward pass).
 
 In both, the first layer's convolution is computed once: its input, the image, is the same at
 every step.
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 
 from bitnet_jax import neuron
 from bitnet_jax import models
+from bitnet_jax import streaming
 
 ENGINES = ("scan", "parallel")
 
@@ -39,12 +42,21 @@ class Trace(NamedTuple):
   final_state: jax.Array   # (B, classes) membrane state of the last layer after the last step
 
 
-def parse_remat(engine: str, remat: str) -> int | str:
-  """Validates `remat` for `engine`; returns K for "every:K", else the string."""
-  allowed = {"scan": "'none', 'step' or 'every:K'", "parallel": "'none' or 'chunk'"}
+def parse_remat(engine: str, remat: str, surrogate: "str | None" = None) -> int | str:
+  """Validates `remat` for `engine`; returns K for "every:K", else the string.
+
+  `surrogate` (the model's) is checked against "stream", which needs "ste"; None skips that
+  check (`run` always makes it).
+  """
+  allowed = {"scan": "'none', 'step' or 'every:K'",
+             "parallel": "'none', 'chunk' or 'stream' (stream: 'ste' surrogate only)"}
   if engine not in ENGINES:
     raise ValueError(f"unknown engine {engine!r}: expected one of {ENGINES}")
   if engine == "parallel" and remat in ("none", "chunk"):
+    return remat
+  if engine == "parallel" and remat == "stream":
+    if surrogate is not None:
+      streaming.check_surrogate(surrogate)
     return remat
   if engine == "scan" and remat in ("none", "step"):
     return remat
@@ -83,7 +95,7 @@ def run(module: models.BITnet6, params, images: jax.Array, steps: int, *,
     A `Trace`; the class scores of the release are `trace.out_spikes.sum(0)`.
   """
   check_inputs(module, images, steps)
-  k = parse_remat(engine, remat)
+  k = parse_remat(engine, remat, module.surrogate)
   if not (isinstance(chunk, int) and chunk >= 0):
     raise ValueError(f"chunk (time steps per chunk) must be an int >= 0, got {chunk!r}")
   synapse = functools.partial(module.apply, {"params": params}, method=module.synapse)
@@ -94,6 +106,8 @@ def run(module: models.BITnet6, params, images: jax.Array, steps: int, *,
   pred0 = synapse("begin", images)  # (B, H, W, c1): the first layer's input never changes
   if engine == "scan":
     return _scan(plan, synapse, fire, pred0, states, steps, k)
+  if k == "stream":
+    return Trace(*streaming.run(module, params, pred0, steps, chunk))
   return _parallel(plan, synapse, fire, pred0, states, steps, chunk or steps, k)
 
 
