@@ -281,6 +281,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step % config.checkpoint_every == 0 or end_of_epoch or preempt.requested:
         check_window(step)  # never checkpoint a non-finite state
         save(step, best=is_best)
+      if window is None:  # images/s of the next window: training time only, not eval/saving
+        t0 = time.perf_counter()
       if preempt.requested:
         ckpts.wait()
         print(f"SIGTERM: saved step {step} to {workdir}; rerun the same command to resume",
