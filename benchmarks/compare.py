@@ -220,11 +220,16 @@ def child_eval(args) -> dict:
 
 
 def _run_child(argv: list[str], timeout: float) -> dict:
+  load = os.getloadavg()[0]
   out = subprocess.run([sys.executable] + argv, cwd=ROOT, capture_output=True, text=True,
                        timeout=timeout, env=dict(os.environ, PYTHONPATH=ROOT))
   if out.returncode != 0:
     raise RuntimeError(f"{' '.join(argv)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  # The 1-minute load average before and after: on a shared machine other processes compete
+  # for the cores, and PyTorch's OpenMP threads lose far more to that than XLA's pool does.
+  result["load"] = (load, os.getloadavg()[0])
+  return result
 
 
 def _jax(kind, args, files, steps, engine, remat, chunk, dtype, iters) -> dict:
@@ -257,8 +262,8 @@ def _fmt(x, spec):
 
 def table(rows: list[dict]) -> str:
   lines = ["| mode | T | framework | configuration | dtype | images/s | speed-up vs torch | "
-           "compile s | XLA memory GiB | peak RSS MiB |",
-           "|---|---:|---|---|---|---:|---:|---:|---:|---:|"]
+           "compile s | XLA memory GiB | peak RSS MiB | load before/after |",
+           "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     base = [b for b in rows if b["framework"] == "pytorch" and b["mode"] == r["mode"] and
             b["steps"] == r["steps"]]
@@ -268,7 +273,7 @@ def table(rows: list[dict]) -> str:
         f"| {r['mode']} | {r['steps']} | {r['framework']} | {r['config']} | {r['dtype']} | "
         f"{r['images_per_s']:.2f} | {_fmt(speedup, '.2f')}{'x' if speedup else ''} | "
         f"{_fmt(r.get('compile_s'), '.1f')} | {_fmt(r.get('xla_memory_gib'), '.2f')} | "
-        f"{r['peak_rss_mib']:.0f} |")
+        f"{r['peak_rss_mib']:.0f} | {r['load'][0]:.1f} / {r['load'][1]:.1f} |")
   return "\n".join(lines)
 
 
@@ -358,7 +363,8 @@ def main(argv=None):
 
   print()
   print(f"fs={args.fs}, batch {args.batch}, {args.classes} classes, 32x32x3; "
-        f"one process per row; {os.cpu_count()} CPU threads visible")
+        f"one process per row; {os.cpu_count()} CPU threads visible; load = 1-minute load "
+        "average (a value above 0 while nothing of ours runs is another user)")
   print()
   print(table(rows))
   ev = [r for r in rows if r["framework"] == "jax" and r["mode"] == "eval"][0]

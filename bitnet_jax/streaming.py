@@ -69,6 +69,17 @@ def check_surrogate(surrogate) -> None:
 # Only for such inputs: a bool copy of anything else would be wrong.
 
 
+def _sum_leading(x: jax.Array) -> jax.Array:
+  """x.sum(0), as a product with a vector of ones.
+
+  XLA:CPU reduces over a leading axis with many kept elements very slowly (0.4 GB/s measured:
+  225 ms for a (10, 2M) float32 sum, against 4 ms for this product); `HIGHEST` keeps it in
+  full float32 on GPUs, whose default would round the operands to TF32.
+  """
+  ones = jnp.ones(x.shape[:1], x.dtype)
+  return jnp.tensordot(ones, x, 1, precision=jax.lax.Precision.HIGHEST)
+
+
 def _kernel_grad_taps(x: jax.Array, g: jax.Array) -> jax.Array:
   """Weight gradient of a 3x3, stride-1, pad-1 NHWC/HWIO convolution as 9 matrix products.
 
@@ -95,7 +106,7 @@ def _kernel_grad_taps(x: jax.Array, g: jax.Array) -> jax.Array:
   def tap(_, k):  # k = 3 * dy + dx
     xs = jax.lax.dynamic_slice(xp, (0, k // 3, k % 3, 0), (n, h, w, ci))
     xs = xs.astype(dtype).reshape(split, rows // split, ci)
-    return None, jax.lax.dot_general(xs, g, (((1,), (1,)), ((0,), (0,)))).sum(0)  # (Ci, Co)
+    return None, _sum_leading(jax.lax.dot_general(xs, g, (((1,), (1,)), ((0,), (0,)))))
 
   _, taps = jax.lax.scan(tap, None, jnp.arange(9))
   return taps.reshape(3, 3, ci, co)
@@ -234,7 +245,7 @@ def _neuron_over_time_bwd(length, window, cotangents):
   if window.ndim == g_spikes.ndim:                    # a pred per step
     g_preds = jnp.where(window, g_spikes, 0).astype(g_spikes.dtype)
   else:                                               # one pred for every step
-    g_preds = jnp.where(window, g_spikes.sum(0), 0).astype(g_spikes.dtype)
+    g_preds = jnp.where(window, _sum_leading(g_spikes), 0).astype(g_spikes.dtype)
   return g_spikes[0], g_preds  # d state_0: g_c of the first step, as `neuron.bddi` gives
 
 
