@@ -58,7 +58,7 @@ def validate_config(config: ml_collections.ConfigDict):
                 "log_every", "checkpoint_every", "keep_checkpoints"):
     need(isinstance(config[field], int) and config[field] >= 1,
          f"{field} must be an int >= 1, got {config[field]!r}")
-  engines.parse_remat(config.engine, config.remat)
+  engines.parse_remat(config.engine, config.remat, config.surrogate)
   need(config.chunk >= 0, f"chunk must be >= 0, got {config.chunk}")
   need(config.loss in losses.LOSSES, f"loss must be one of {losses.LOSSES}, got {config.loss!r}")
   need(config.optimizer in ("adamw", "sgd"),

@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_time_steps = 50          # time steps T at evaluation (train.py/eval.py --steps N overrides)
   c.engine = "parallel"           # parallel | scan (same results; parallel is faster)
   c.chunk = 0                     # parallel engine: time steps per chunk (bounds memory); 0 = all T at once
-  c.remat = "none"                # what backprop keeps: parallel: none | chunk; scan: none | step | every:K
+  c.remat = "none"                # what backprop keeps: parallel: none | chunk | stream (ste only); scan: none | step | every:K
 
   # Optimisation (bitnet_jax/trainer.py).
   c.loss = "mse_rate"             # mse_rate (the release: MSE of min(counts, T)/T vs one-hot) | xent_rate
