@@ -19,6 +19,7 @@ Command (from the repository root; about 10 minutes on 2 CPU cores):
     python -m benchmarks.memory --fs 1 --steps 10,50 --skip_rss      # another size, part 1 only
 """
 
+import functools
 import argparse
 import json
 import os
@@ -61,10 +62,7 @@ def _train_step(fs, steps, batch, engine, remat, chunk, classes=10):
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   step = trainer.make_train_step(module, config, tx, info, mesh)
 
-  def init(rng):
-    params = module.init(rng, jnp.zeros((1, 32, 32, 3)))["params"]
-    return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=tx.init(params))
+  init = functools.partial(trainer.init_state, module, tx)
 
   return step, init
 

@@ -10,6 +10,7 @@ SIGTERM, validates, keeps the best checkpoint by top-1, and writes metrics.jsonl
 event files when tensorboardX is installed).
 """
 
+import functools
 import json
 import math
 import os
@@ -41,6 +42,13 @@ class TrainState(flax.struct.PyTreeNode):
   step: jax.Array      # optimizer steps taken
   params: Any
   opt_state: Any
+
+
+def init_state(module, tx, rng) -> TrainState:
+  """Fresh parameters and optimizer state (step 0); works under `jax.eval_shape` too."""
+  dummy = jnp.zeros((1, module.img_size, module.img_size, module.in_channels), jnp.float32)
+  params = module.init(rng, dummy)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
 def validate_config(config: ml_collections.ConfigDict):
@@ -191,12 +199,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     total_steps = min(total_steps, config.max_train_steps)
   tx = make_optimizer(config, steps_per_epoch, total_steps)
 
-  def init(rng):
-    dummy = jnp.zeros((1,) + info.image_shape, jnp.float32)
-    params = module.init(rng, dummy)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
+  state = jax.jit(functools.partial(init_state, module, tx), out_shardings=replicated)(
+      jax.random.PRNGKey(config.seed))
   os.makedirs(workdir, exist_ok=True)
   ckpts = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
   train_iter = input_pipeline.create_train_iter(config, info)

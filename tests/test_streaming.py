@@ -122,10 +122,7 @@ def _train_step_memory(remat, chunk, steps, fs=0.125, batch=8):
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   step = trainer.make_train_step(module, c, tx, info, mesh)
 
-  def init(rng):
-    params = module.init(rng, jnp.zeros((1, 32, 32, 3)))["params"]
-    return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=tx.init(params))
+  init = functools.partial(trainer.init_state, module, tx)
 
   state = jax.eval_shape(init, jax.random.PRNGKey(0))
   batch = {"image": jax.ShapeDtypeStruct((batch, 32, 32, 3), np.uint8),

@@ -1,6 +1,7 @@
 """Training end to end: train.py runs, resumes exactly after kill -9 and SIGTERM, shards over
 8 devices, rejects bad configs, and compiles the seed's full-size models."""
 
+import functools
 import json
 import os
 import signal
@@ -205,10 +206,7 @@ def test_seed_configs_compile_at_full_size(name):
   tx = trainer.make_optimizer(config, 100, 1000)
   step = trainer.make_train_step(module, config, tx, info, mesh)
 
-  def init(rng):
-    params = module.init(rng, jax.numpy.zeros((1, hw, hw, 3)))["params"]
-    return trainer.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                              opt_state=tx.init(params))
+  init = functools.partial(trainer.init_state, module, tx)
 
   state = jax.eval_shape(init, jax.random.PRNGKey(0))
   batch = {"image": jax.ShapeDtypeStruct((config.batch_size, hw, hw, 3), np.uint8),
