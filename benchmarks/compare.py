@@ -222,7 +222,8 @@ def child_eval(args) -> dict:
 def _run_child(argv: list[str], timeout: float) -> dict:
   load = os.getloadavg()[0]
   out = subprocess.run([sys.executable] + argv, cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout, env=dict(os.environ, PYTHONPATH=ROOT))
+                       timeout=timeout, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                           p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)))
   if out.returncode != 0:
     raise RuntimeError(f"{' '.join(argv)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
   result = json.loads(out.stdout.strip().splitlines()[-1])

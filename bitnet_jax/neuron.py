@@ -9,8 +9,9 @@ Forward (exactly the release, see docs/ORIGINAL.md), elementwise and in the inpu
 
 Backward: the Heaviside step has no useful derivative, so a *surrogate* sg(c) = d spike / d c
 stands in for it. The reset is differentiated with the same surrogate, d state' / d c = 1 - sg(c),
-and the clip passes gradient inside its window only, d p / d pred = 1[0 <= pred <= 1]
-(both ends included). With x = c - 1 (distance to the threshold):
+and the clip passes gradient inside its window, d p / d pred = 1[0 <= pred <= 1] (both ends
+included), and `leak` times it outside (default 0: the clip's own derivative). With x = c - 1
+(distance to the threshold):
 
     ste        sg = 1                                         (straight-through)
     triangle   sg = max(0, 1 - |x| / w) / w                   (width w, default 1)
@@ -19,8 +20,12 @@ and the clip passes gradient inside its window only, d p / d pred = 1[0 <= pred 
 
 Every default has sg(threshold) = 1. For `ste`, d state'/d c = 0: gradient does not pile up
 through the membrane over time, and d count / d pred_t = 1 inside the clip window (the rate view).
-A surrogate is named by a string, optionally with its parameter: "triangle", "triangle:0.5",
-"atan:4". The `ste` backward keeps only a boolean mask as residual (1 byte per neuron).
+A surrogate is named by a string, optionally with its parameter and a clip leak:
+"triangle", "triangle:0.5", "atan:4", "ste+leak:0.1". The `ste` backward keeps only a boolean
+mask as residual (1 byte per neuron).
+
+Why a leak: with leak 0, a neuron whose pred leaves [0, 1] at every step (silent, or firing at
+every step) gets no gradient at all and can stay there for good (docs/fashion_mnist_study.md).
 """
 
 import dataclasses
@@ -58,9 +63,15 @@ SURROGATES = tuple(_DERIVATIVES)
 
 @dataclasses.dataclass(frozen=True)
 class Surrogate:
-  """A named surrogate derivative sg(c) of the spike; hashable, so usable as a static argument."""
+  """A named surrogate derivative sg(c) of the spike, and the clip's gradient outside its window
+  (`leak`); hashable, so usable as a static argument."""
   name: str
   param: float | None = None
+  leak: float = 0.0
+
+  def clip_grad(self, window: jax.Array, g: jax.Array) -> jax.Array:
+    """d loss / d pred from d loss / d p: g inside the clip window, leak * g outside."""
+    return jnp.where(window, g, self.leak * g if self.leak else 0).astype(g.dtype)
 
   def derivative(self, c: jax.Array) -> jax.Array:
     """sg(c) = d spike / d c, evaluated at membrane values c (any shape)."""
@@ -68,11 +79,13 @@ class Surrogate:
 
 
 def get_surrogate(spec: "str | Surrogate") -> Surrogate:
-  """Parses "name" or "name:param" (e.g. "triangle:0.5") into a `Surrogate`."""
+  """Parses "name[:param][+leak:alpha]" (e.g. "triangle:0.5", "ste+leak:0.1") into a `Surrogate`."""
   if isinstance(spec, Surrogate):
     return spec
   if not isinstance(spec, str):
     raise ValueError(f"surrogate must be a string such as 'ste' or 'atan:2', got {spec!r}")
+  spec, _, leak_spec = spec.partition("+")
+  leak = _parse_leak(spec, leak_spec) if leak_spec else 0.0
   name, _, param = spec.partition(":")
   if name not in _DERIVATIVES:
     raise ValueError(f"unknown surrogate {spec!r}: expected one of {SURROGATES}, "
@@ -80,14 +93,27 @@ def get_surrogate(spec: "str | Surrogate") -> Surrogate:
   if name == "ste":
     if param:
       raise ValueError(f"surrogate 'ste' takes no parameter, got {spec!r}")
-    return Surrogate("ste")
+    return Surrogate("ste", leak=leak)
   try:
     value = float(param) if param else _DEFAULT_PARAM[name]
   except ValueError:
     raise ValueError(f"surrogate parameter in {spec!r} must be a number") from None
   if not value > 0:
     raise ValueError(f"surrogate parameter in {spec!r} must be > 0, got {value}")
-  return Surrogate(name, value)
+  return Surrogate(name, value, leak)
+
+
+def _parse_leak(spec: str, leak_spec: str) -> float:
+  """The alpha of a "+leak:alpha" suffix: a number in [0, 1]."""
+  key, _, alpha = leak_spec.partition(":")
+  try:
+    value = float(alpha)
+  except ValueError:
+    value = None
+  if key != "leak" or value is None or not 0 <= value <= 1:
+    raise ValueError(f"surrogate suffix '+{leak_spec}' of {spec!r}: expected '+leak:<alpha>' "
+                     "with alpha in [0, 1], e.g. 'ste+leak:0.1'")
+  return value
 
 
 def _forward(state, pred):
@@ -120,7 +146,7 @@ def _bddi_fn(surrogate: Surrogate):
     else:
       sg = surrogate.derivative(residual[1])
       g_c = g_spike * sg + g_state * (1 - sg)
-    return g_c, jnp.where(window, g_c, 0).astype(g_c.dtype)
+    return g_c, surrogate.clip_grad(window, g_c)
 
   neuron.defvjp(fwd, bwd)
   return neuron

@@ -211,14 +211,15 @@ def _step_through_time(state, preds, const, length):
   return spikes, state, (pred >= 0) & (pred <= 1)  # window: the clip's pass-through mask
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _neuron_over_time(state, preds, length):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _neuron_over_time(state, preds, length, surrogate):
   """Steps one layer's `ste` neurons through time.
 
   Args:
     state: (B, ...) membrane states before the first step.
     preds: (n, B, ...) synaptic outputs of the n steps, or (B, ...), the same at every step.
     length: n.
+    surrogate: the `ste` `neuron.Surrogate` (its clip leak is used in the backward).
 
   Returns:
     (n, B, ...) spikes and the final state.
@@ -229,23 +230,23 @@ def _neuron_over_time(state, preds, length):
   return spikes, state
 
 
-def _neuron_over_time_fwd(state, preds, length):
+def _neuron_over_time_fwd(state, preds, length, surrogate):
   const = preds.ndim == state.ndim
   spikes, state, window = _step_through_time(state, None if const else preds,
                                              preds if const else None, length)
   return (spikes, state), window
 
 
-def _neuron_over_time_bwd(length, window, cotangents):
+def _neuron_over_time_bwd(length, surrogate, window, cotangents):
   """The `ste` neuron's backward needs no loop: d spike_t / d pred_t = window_t and nothing
   crosses time steps (the membrane's cotangent is dropped), so it is elementwise. This keeps
   only the bool window (a constant pred: one step's), where the scan's transpose would also
   reverse and restack float tensors."""
   g_spikes, _ = cotangents                            # (n, B, ...); final state: no gradient
   if window.ndim == g_spikes.ndim:                    # a pred per step
-    g_preds = jnp.where(window, g_spikes, 0).astype(g_spikes.dtype)
+    g_preds = surrogate.clip_grad(window, g_spikes)
   else:                                               # one pred for every step
-    g_preds = jnp.where(window, _sum_leading(g_spikes), 0).astype(g_spikes.dtype)
+    g_preds = surrogate.clip_grad(window, _sum_leading(g_spikes))
   return g_spikes[0], g_preds  # d state_0: g_c of the first step, as `neuron.bddi` gives
 
 
@@ -266,14 +267,15 @@ def _chunk(module, params, pred0, states, n):
     (states, out (n, B, K) spikes of the last layer, fired (B, 6) spikes per layer and image).
   """
   x, new_states, fired = None, [], []
+  surrogate = neuron.get_surrogate(module.surrogate)
   for i, spec in enumerate(module.plan()):
     if i == 0:
-      spikes, state = _neuron_over_time(states[0], pred0, n)
+      spikes, state = _neuron_over_time(states[0], pred0, n, surrogate)
     else:
       flat = x.reshape((-1,) + x.shape[2:])                              # (n*B, H, W, C)
       pred = _spike_synapse(module, spec.name, params[spec.name], flat)  # one conv for n steps
       pred = pred.reshape(x.shape[:2] + pred.shape[1:])                  # (n, B, ...)
-      spikes, state = _neuron_over_time(states[i], pred, n)
+      spikes, state = _neuron_over_time(states[i], pred, n, surrogate)
     new_states.append(state)
     fired.append(spikes.sum(tuple(a for a in range(spikes.ndim) if a != 1)))  # (B,)
     x = _spike_pool(spikes) if spec.pool else spikes

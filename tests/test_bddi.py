@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import bitnet_jax
 from bitnet_jax import bddi, get_surrogate
 
 
@@ -102,12 +103,28 @@ def test_surrogate_zero_outside_clip_window():
     assert float(g_pred) == 0.0
 
 
+@pytest.mark.parametrize("spec", ["ste+leak:0.25", "atan+leak:0.25"])
+@pytest.mark.parametrize("pred,clip_grad", [(-0.1, 0.25), (0.5, 1.0), (1.2, 0.25)])
+def test_leak_scales_the_gradient_outside_the_clip_window(spec, pred, clip_grad):
+  g_state, g_pred = _grads(spec, 0.0, pred)
+  _, g_pred_in = _grads(spec.split("+")[0], 0.0, min(max(pred, 0.0), 1.0))  # same c, no leak
+  assert float(g_pred) == pytest.approx(clip_grad * float(g_pred_in), rel=1e-6)
+  assert float(g_state) == pytest.approx(float(g_pred_in), rel=1e-6)  # the state path: no clip
+  # The forward is the plain bddi's: the leak changes gradients only.
+  assert [float(x) for x in bddi(jnp.float32(0.0), jnp.float32(pred), spec)] == \
+      [float(x) for x in bddi(jnp.float32(0.0), jnp.float32(pred), "ste")]
+
+
 def test_get_surrogate_parses_and_rejects():
   assert get_surrogate("atan:3").param == 3.0
   assert get_surrogate("triangle").param == 1.0
+  assert get_surrogate("ste").leak == 0.0
+  assert get_surrogate("ste+leak:0.1") == bitnet_jax.Surrogate("ste", None, 0.1)
+  assert get_surrogate("atan:3+leak:1") == bitnet_jax.Surrogate("atan", 3.0, 1.0)
   for bad, match in [("relu", "unknown surrogate"), ("atan:x", "must be a number"),
                      ("triangle:-1", "must be > 0"), ("ste:2", "takes no parameter"),
-                     (3, "must be a string")]:
+                     (3, "must be a string"), ("ste+leak:2", "alpha in \\[0, 1\\]"),
+                     ("ste+leek:0.1", "expected '\\+leak:<alpha>'"), ("ste+leak:x", "e.g. 'ste")]:
     with pytest.raises(ValueError, match=match):
       get_surrogate(bad)
 

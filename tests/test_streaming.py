@@ -138,3 +138,19 @@ def test_stream_memory_does_not_grow_with_time_steps():
   short, long = _train_step_memory("stream", 4, 8), _train_step_memory("stream", 4, 32)
   assert long <= 1.05 * short, (short, long)
   assert _train_step_memory("none", 0, 32) > 2 * long
+
+
+def test_stream_with_clip_leak_equals_scan_engine(tiny_model, images):
+  """The clip leak ("ste+leak:a") reaches the stream's own backward, as it reaches `bddi`'s."""
+  module = tiny_model.module.clone(surrogate="ste+leak:0.5")
+  (_, ref_trace), ref_grads = _loss_and_grad(module, tiny_model.params, images, "scan", 0, "none")
+  (_, trace), grads = _loss_and_grad(module, tiny_model.params, images, "parallel", 3, "stream")
+  (_, _), plain_grads = _loss_and_grad(tiny_model.module, tiny_model.params, images, "scan", 0,
+                                       "none")
+  assert np.mean(np.asarray(trace.out_spikes) != np.asarray(ref_trace.out_spikes)) <= 1e-4
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    ref = functools.reduce(lambda t, k: t[k.key], path, ref_grads)
+    plain = functools.reduce(lambda t, k: t[k.key], path, plain_grads)
+    np.testing.assert_allclose(g, ref, rtol=0, atol=1e-4 * float(jnp.abs(ref).max()),
+                               err_msg=jax.tree_util.keystr(path))
+  assert not np.allclose(ref_grads["begin"]["kernel"], plain_grads["begin"]["kernel"])
