@@ -42,7 +42,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  from bitnet_jax import evaluate  # pylint: disable=import-outside-toplevel
+  from bitnet_jax import evaluate, plots  # pylint: disable=import-outside-toplevel
   if not (_WORKDIR.value or _TORCH.value):
     raise app.UsageError("give --workdir (a training run) or --torch_checkpoint (a .ckpt)")
   try:
@@ -65,7 +65,7 @@ def main(argv):
     print(evaluate.sweep_table(result))
     plot = _PLOT.value or os.path.join(
         os.path.dirname(_JSON.value) if _JSON.value else (_WORKDIR.value or "."), "sweep.png")
-    evaluate.plot_sweep(result, plot)
+    plots.plot_sweep(result, plot)
     print(f"plot: {plot}")
   if _SPARSITY.value:
     print(evaluate.sparsity_table(result, f"{result['dataset']} - {config.variant} fs={config.fs}"))

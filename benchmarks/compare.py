@@ -128,14 +128,13 @@ def child_weights(args) -> dict:
 
 
 def _load(args):
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from bitnet_jax import models, torch_checkpoint  # pylint: disable=import-outside-toplevel
   with np.load(args.weights) as f:
     params = torch_checkpoint.to_flax_params(dict(f), fs=args.fs, num_classes=args.classes)
   with np.load(args.batch_file) as f:
     images, labels = f["images"], f["labels"]
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-  module = models.BITnet6(fs=args.fs, num_classes=args.classes, dtype=dtype)
+  module = models.BITnet6(fs=args.fs, num_classes=args.classes,
+                          **models.compute_dtype(args.dtype))
   return module, params, images, labels
 
 

@@ -19,7 +19,7 @@ class Model(flax.struct.PyTreeNode):
 
 def create_model(variant: str = "BITnet6", *, fs: float, num_classes: int, img_size: int = 32,
                  in_channels: int = 3, surrogate: str = "ste", dtype=jnp.float32,
-                 seed: int = 0, params=None) -> Model:
+                 kernel_parts: int = 1, seed: int = 0, params=None) -> Model:
   """Builds a BITnet with freshly initialised parameters (PyTorch's default init) or given ones.
 
   Args:
@@ -30,6 +30,8 @@ def create_model(variant: str = "BITnet6", *, fs: float, num_classes: int, img_s
     in_channels: 1 or 3.
     surrogate: surrogate gradient name, e.g. "ste" or "atan:2".
     dtype: compute dtype of the convolutions (parameters stay float32).
+    kernel_parts: with a bfloat16 `dtype`, bf16 parts per kernel (3: float32's spikes; see
+      `models.BITnet6`).
     seed: PRNG seed of the initialisation.
     params: use these parameters instead (checked against the architecture's shapes).
 
@@ -39,7 +41,8 @@ def create_model(variant: str = "BITnet6", *, fs: float, num_classes: int, img_s
   if variant not in models.VARIANTS:
     raise ValueError(f"unknown variant {variant!r}: expected one of {tuple(models.VARIANTS)}")
   module = models.VARIANTS[variant](fs=fs, num_classes=num_classes, img_size=img_size,
-                                    in_channels=in_channels, surrogate=surrogate, dtype=dtype)
+                                    in_channels=in_channels, surrogate=surrogate, dtype=dtype,
+                                    kernel_parts=kernel_parts)
   dummy = jnp.zeros((1, img_size, img_size, in_channels), jnp.float32)
   if params is None:
     params = jax.jit(module.init)(jax.random.PRNGKey(seed), dummy)["params"]

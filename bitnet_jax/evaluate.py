@@ -153,20 +153,3 @@ def sweep_table(result: dict) -> str:
   rows = ["| time steps | top-1 |", "|---:|---:|"]
   rows += [f"| {t} | {100 * a:.2f}% |" for t, a in result["sweep_top1"].items()]
   return "\n".join(rows)
-
-
-def plot_sweep(result: dict, path: str, title: str = ""):
-  """Saves a PNG of top-1 accuracy against the number of time steps."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  steps, acc = zip(*sorted(result["sweep_top1"].items()))
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  ax.plot(steps, [100 * a for a in acc], "o-")
-  ax.set_xlabel("time steps at inference")
-  ax.set_ylabel("top-1 accuracy (%)")
-  ax.set_title(title or f"{result['dataset']} ({result['n']} test images)")
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)

@@ -69,6 +69,12 @@ class BITnet6(nn.Module):
     surrogate: surrogate gradient of the spike, e.g. "ste" or "atan:2" (see `neuron.py`).
     dtype: compute dtype of the synapses (float32, or bfloat16 on GPU/TPU); parameters and
       membrane states stay float32 (float64 models, for exact tests, keep float64 states).
+    kernel_parts: with a low-precision `dtype`, each synapse sums this many products, one per
+      `dtype` part of the float32 kernel (hi, then the rounding rest, ...), accumulated in
+      float32; the first layer, whose input (images) is not exact in `dtype` and which runs once
+      per image, then runs in float32. Spikes are exact in bfloat16, so 3 parts (24 significant
+      bits, float32's) give float32's synapses up to summation order; 1 (default) is the plain
+      one-product cast.
   """
   fs: float = 4.0
   num_classes: int = 10
@@ -76,6 +82,7 @@ class BITnet6(nn.Module):
   in_channels: int = 3
   surrogate: str = "ste"
   dtype: Any = jnp.float32
+  kernel_parts: int = 1
 
   pools_after = ("layer1", "layer2", "layer4")  # the 2x2 maxpools, besides the 64x64 one
 
@@ -98,6 +105,8 @@ class BITnet6(nn.Module):
     if not (isinstance(self.num_classes, int) and self.num_classes >= 1):
       raise ValueError(f"num_classes must be an int >= 1, got {self.num_classes!r}")
     neuron.get_surrogate(self.surrogate)
+    if self.kernel_parts not in (1, 2, 3):
+      raise ValueError(f"kernel_parts must be 1, 2 or 3, got {self.kernel_parts!r}")
 
   @property
   def state_dtype(self):
@@ -140,10 +149,21 @@ class BITnet6(nn.Module):
     Returns:
       (N, H, W, C_out) for convs, (N, num_classes) for `mlp1`.
     """
-    x = x.astype(self.dtype)
     if layer == "mlp1":
       x = x.reshape(x.shape[0], -1)  # (N, 4*4*c4), NHWC order
-    return getattr(self, layer)(x).astype(self.state_dtype)
+    if self.kernel_parts == 1 or self.is_initializing():
+      return getattr(self, layer)(x.astype(self.dtype)).astype(self.state_dtype)
+    params = self.variables["params"][layer]
+    kernel, bias = params["kernel"], params["bias"]
+    if layer == "begin":
+      return _linear(x.astype(kernel.dtype), kernel, kernel.dtype) + bias
+    x = x.astype(self.dtype)              # spikes: 0/1, exact
+    out, rest = 0, kernel
+    for _ in range(self.kernel_parts):    # kernel = hi + mid + lo (+ what 3 parts cannot hold)
+      part = rest.astype(self.dtype)
+      rest = rest - part.astype(kernel.dtype)
+      out = out + _linear(x, part, self.state_dtype)
+    return out + bias
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """One time step from rest (all states 0); used to initialise the parameters.
@@ -167,6 +187,30 @@ class BITnet6_v101(BITnet6):  # pylint: disable=invalid-name
 
 
 VARIANTS = {"BITnet6": BITnet6, "BITnet6_v101": BITnet6_v101}
+
+
+# Config names of the synapses' compute: (dtype, kernel_parts). "bfloat16x3" gives float32's spikes
+# (up to summation order) from bfloat16 products; plain "bfloat16" diverges over time steps.
+COMPUTE_DTYPES = {"float32": (jnp.float32, 1), "bfloat16": (jnp.bfloat16, 1),
+                  "bfloat16x2": (jnp.bfloat16, 2), "bfloat16x3": (jnp.bfloat16, 3)}
+
+
+def compute_dtype(name: str) -> dict:
+  """The module fields of a compute-dtype name: {"dtype": ..., "kernel_parts": ...}."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {name!r}")
+  dtype, parts = COMPUTE_DTYPES[name]
+  return {"dtype": dtype, "kernel_parts": parts}
+
+
+def _linear(x: jax.Array, kernel: jax.Array, out_dtype) -> jax.Array:
+  """The synapse without its bias: a 3x3 'SAME' conv of (N, H, W, Ci) with an HWIO kernel, or a
+  matmul of (N, D) with (D, K), accumulated and returned in `out_dtype`."""
+  if kernel.ndim == 2:
+    return jnp.dot(x, kernel, preferred_element_type=out_dtype)
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      preferred_element_type=out_dtype)
 
 
 def maxpool(x: jax.Array) -> jax.Array:

@@ -35,7 +35,6 @@ from bitnet_jax import input_pipeline
 from bitnet_jax import losses
 from bitnet_jax import models
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -60,8 +59,9 @@ def validate_config(config: ml_collections.ConfigDict):
        f"variant must be one of {tuple(models.VARIANTS)}, got {config.variant!r}")
   need(config.fs > 0, f"fs must be > 0, got {config.fs}")
   neuron.get_surrogate(config.surrogate)
-  need(config.compute_dtype in DTYPES,
-       f"compute_dtype must be one of {tuple(DTYPES)}, got {config.compute_dtype!r}")
+  need(config.compute_dtype in models.COMPUTE_DTYPES,
+       f"compute_dtype must be one of {tuple(models.COMPUTE_DTYPES)}, got "
+       f"{config.compute_dtype!r}")
   for field in ("time_steps", "eval_time_steps", "batch_size", "eval_batch_size", "num_epochs",
                 "log_every", "checkpoint_every", "keep_checkpoints"):
     need(isinstance(config[field], int) and config[field] >= 1,
@@ -88,7 +88,7 @@ def make_module(config, info: datasets.DatasetInfo) -> models.BITnet6:
     raise ValueError(f"images must be square, dataset {info.name} has {h}x{w}")
   return models.VARIANTS[config.variant](
       fs=config.fs, num_classes=info.num_classes, img_size=h, in_channels=c,
-      surrogate=config.surrogate, dtype=DTYPES[config.compute_dtype])
+      surrogate=config.surrogate, **models.compute_dtype(config.compute_dtype))
 
 
 def make_optimizer(config, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:

@@ -24,7 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.variant = "BITnet6"           # BITnet6 | BITnet6_v101
   c.fs = 4.0                      # feature scale: channels int(64*fs), ..., int(512*fs)
   c.surrogate = "ste"             # bddi surrogate gradient: ste | triangle | sigmoid | atan [":param"]
-  c.compute_dtype = "float32"     # float32 | bfloat16 (convolutions; params and membranes stay float32)
+  c.compute_dtype = "float32"     # float32 | bfloat16 | bfloat16x2 | bfloat16x3 (synapses; params and
+                                  # membranes stay float32). bfloat16xN: N bf16 parts of each kernel,
+                                  # float32 sums; x3 spikes agree with float32 (README, "bfloat16")
 
   # Time steps (bitnet_jax/engines.py).
   c.time_steps = 50               # time steps T per image in training

@@ -1,6 +1,8 @@
 """Training speed of candidate full-Fashion-MNIST configs (for configs/fashion_mnist.py's estimate).
 
   python docs/study/speed_probe.py           # writes docs/study/diagnostics/speed_probe.json
+  python docs/study/speed_probe.py --steps 60 --log_every 15 --out speed_probe_2.json \
+      fs0.25_T8 fs0.25_T8_B64 fs0.25_T4 fs0.5_T4_B64      # the full-data scouting's probe
 
 Trains each candidate for 80 optimizer steps (batch 32) on the full training split and reports
 the median images/s over the 20-step log windows after the first (which includes compilation),
@@ -25,6 +27,9 @@ from configs import fashion_mnist  # pylint: disable=wrong-import-position
 CANDIDATES = {
     "fs0.25_T8": {"fs": 0.25, "time_steps": 8},
     "fs0.5_T8": {"fs": 0.5, "time_steps": 8},
+    "fs0.25_T8_B64": {"fs": 0.25, "time_steps": 8, "batch_size": 64},
+    "fs0.25_T4": {"fs": 0.25, "time_steps": 4},
+    "fs0.5_T4_B64": {"fs": 0.5, "time_steps": 4, "batch_size": 64},
 }
 
 
@@ -34,12 +39,21 @@ def cpu() -> float:
 
 
 def main():
+  import argparse  # pylint: disable=import-outside-toplevel
   from bitnet_jax import trainer  # pylint: disable=import-outside-toplevel
+  p = argparse.ArgumentParser()
+  p.add_argument("names", nargs="*", default=["fs0.25_T8", "fs0.5_T8"], choices=CANDIDATES)
+  p.add_argument("--steps", type=int, default=80)
+  p.add_argument("--log_every", type=int, default=20)
+  p.add_argument("--out", default="speed_probe.json")
+  args = p.parse_args()
   out = {}
-  for name, overrides in CANDIDATES.items():
+  for name in args.names:
+    overrides = CANDIDATES[name]
     config = fashion_mnist.get_config()
     config.update(overrides)
-    config.update({"max_train_steps": 80, "log_every": 20, "max_eval_examples": 100,
+    config.update({"max_train_steps": args.steps, "log_every": args.log_every,
+                   "max_eval_examples": 100,
                    "eval_time_steps": 1})
     workdir = f"/tmp/bitnet_speed/{name}"
     shutil.rmtree(workdir, ignore_errors=True)
@@ -53,7 +67,7 @@ def main():
                  "load_avg": os.getloadavg()}
     print(name, out[name], flush=True)
     shutil.rmtree(workdir, ignore_errors=True)
-  with open(os.path.join(ROOT, "docs", "study", "diagnostics", "speed_probe.json"), "w") as f:
+  with open(os.path.join(ROOT, "docs", "study", "diagnostics", args.out), "w") as f:
     json.dump(out, f, indent=1)
 
 
