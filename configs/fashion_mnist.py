@@ -49,7 +49,7 @@ def get_config():
   c.learning_rate = 2e-3
   c.schedule = "cosine"
   c.warmup_epochs = 0.05          # 94 steps, as in the study
-  c.num_epochs = 7                # 1,875 steps/epoch, 13,125 optimizer steps
+  c.num_epochs = 6                # 1,875 steps/epoch, 11,250 optimizer steps
   c.eval_every_epochs = 1         # a validation after every epoch (~20 s each at T = 8)
   c.log_every = 100
   return c
