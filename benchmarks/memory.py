@@ -19,7 +19,6 @@ Command (from the repository root; about 10 minutes on 2 CPU cores):
     python -m benchmarks.memory --fs 1 --steps 10,50 --skip_rss      # another size, part 1 only
 """
 
-import functools
 import argparse
 import json
 import os
@@ -45,35 +44,21 @@ def _peak_rss_mib() -> float:
   raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def _train_step(fs, steps, batch, engine, remat, chunk, classes=10):
-  """The trainer's jitted step and abstract (state, batch) for it."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from bitnet_jax import datasets, trainer  # pylint: disable=import-outside-toplevel
+def _config_and_info(args):
+  """The default config at this run's size, and a synthetic 10-class 32x32 RGB dataset."""
+  from bitnet_jax import datasets  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
-
   config = default.get_config()
-  config.update(fs=fs, time_steps=steps, batch_size=batch, engine=engine, remat=remat,
-                chunk=chunk)
-  info = datasets.DatasetInfo(name="synthetic", num_classes=classes, image_shape=(32, 32, 3),
+  config.update(fs=args.fs, time_steps=args.t, batch_size=args.batch, engine=args.engine,
+                remat=args.remat, chunk=args.chunk)
+  info = datasets.DatasetInfo(name="synthetic", num_classes=10, image_shape=(32, 32, 3),
                               num_train=1000, num_test=100, mean=(0.5,) * 3, std=(0.25,) * 3)
-  module = trainer.make_module(config, info)
-  tx = trainer.make_optimizer(config, 100, 1000)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  step = trainer.make_train_step(module, config, tx, info, mesh)
-
-  init = functools.partial(trainer.init_state, module, tx)
-
-  return step, init
+  return config, info
 
 
 def child_compile(args) -> dict:
-  import jax  # pylint: disable=import-outside-toplevel
-  step, init = _train_step(args.fs, args.t, args.batch, args.engine, args.remat, args.chunk)
-  state = jax.eval_shape(init, jax.random.PRNGKey(0))
-  batch = {"image": jax.ShapeDtypeStruct((args.batch, 32, 32, 3), np.uint8),
-           "label": jax.ShapeDtypeStruct((args.batch,), np.int32)}
-  m = step.lower(state, batch).compile().memory_analysis()
+  from bitnet_jax import trainer  # pylint: disable=import-outside-toplevel
+  m = trainer.compile_train_step(*_config_and_info(args)).memory_analysis()
   gib = lambda b: b / 2**30
   peak = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
   return {"temp": gib(m.temp_size_in_bytes), "argument": gib(m.argument_size_in_bytes),
@@ -84,7 +69,8 @@ def child_compile(args) -> dict:
 def child_rss(args) -> dict:
   """One real training step (random init scaled to fire, random uint8 images)."""
   import jax  # pylint: disable=import-outside-toplevel
-  step, init = _train_step(args.fs, args.t, args.batch, args.engine, args.remat, args.chunk)
+  from bitnet_jax import trainer  # pylint: disable=import-outside-toplevel
+  step, init = trainer.standalone_train_step(*_config_and_info(args))
   state = jax.jit(init)(jax.random.PRNGKey(0))
   state = state.replace(params=jax.tree_util.tree_map(lambda a: 2 * a, state.params))
   rng = np.random.default_rng(0)
@@ -98,7 +84,8 @@ def child_rss(args) -> dict:
 
 def _child(argv, timeout=1800) -> dict:
   out = subprocess.run([sys.executable] + argv, cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout, env=dict(os.environ, PYTHONPATH=ROOT))
+                       timeout=timeout, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                           p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)))
   if out.returncode != 0:
     raise RuntimeError(f"{' '.join(argv)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])

@@ -135,6 +135,31 @@ def make_train_step(module, config, tx, info, mesh):
   return jax.jit(train_step, donate_argnums=0, out_shardings=(replicated, replicated))
 
 
+def standalone_train_step(config, info: datasets.DatasetInfo):
+  """The real jitted train step of `config` outside the training loop (benchmarks, compile
+  tests), on a `data` mesh over all devices, with a schedule of 100 steps per epoch.
+
+  Returns:
+    (step, init): `step(state, batch)` as in training, and `init(rng) -> TrainState`.
+  """
+  module = make_module(config, info)
+  tx = make_optimizer(config, 100, 1000)
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  return make_train_step(module, config, tx, info, mesh), functools.partial(init_state, module, tx)
+
+
+def compile_train_step(config, info: datasets.DatasetInfo):
+  """`standalone_train_step` compiled for abstract inputs (a batch of `config.batch_size`):
+  nothing is allocated, so full-size models compile on a small machine; the result's
+  `memory_analysis()` gives the step's memory."""
+  step, init = standalone_train_step(config, info)
+  state = jax.eval_shape(init, jax.random.PRNGKey(0))
+  batch = {"image": jax.ShapeDtypeStruct((config.batch_size,) + tuple(info.image_shape),
+                                         np.uint8),
+           "label": jax.ShapeDtypeStruct((config.batch_size,), np.int32)}
+  return step.lower(state, batch).compile()
+
+
 class MetricWriter:
   """Appends metrics to workdir/metrics.jsonl, and to TensorBoard when tensorboardX exists."""
 

@@ -2,7 +2,6 @@
 release checkpoints), scoring, and clear errors."""
 
 import json
-import os
 import subprocess
 import sys
 

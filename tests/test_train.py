@@ -1,7 +1,6 @@
 """Training end to end: train.py runs, resumes exactly after kill -9 and SIGTERM, shards over
 8 devices, rejects bad configs, and compiles the seed's full-size models."""
 
-import functools
 import json
 import os
 import signal
@@ -200,18 +199,7 @@ def test_seed_configs_compile_at_full_size(name):
   trainer.validate_config(config)
   hw = 64 if name == "tiny_imagenet" else 32
   classes = {"cifar10": 10, "cifar100_max": 100, "tiny_imagenet": 200}[name]
-  info = _info(name, classes, hw)
-  module = trainer.make_module(config, info)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  tx = trainer.make_optimizer(config, 100, 1000)
-  step = trainer.make_train_step(module, config, tx, info, mesh)
-
-  init = functools.partial(trainer.init_state, module, tx)
-
-  state = jax.eval_shape(init, jax.random.PRNGKey(0))
-  batch = {"image": jax.ShapeDtypeStruct((config.batch_size, hw, hw, 3), np.uint8),
-           "label": jax.ShapeDtypeStruct((config.batch_size,), np.int32)}
-  compiled = step.lower(state, batch).compile()
+  compiled = trainer.compile_train_step(config, _info(name, classes, hw))
   memory = compiled.memory_analysis()
   assert memory is None or memory.temp_size_in_bytes > 0
 
