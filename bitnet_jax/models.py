@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitnet_jax import neuron
+from bitnet_jax import spike_conv
 
 LAYERS = ("begin", "layer1", "layer2", "layer3", "layer4", "mlp1")
 IMG_SIZES = (32, 64)
@@ -75,6 +76,10 @@ class BITnet6(nn.Module):
       per image, then runs in float32. Spikes are exact in bfloat16, so 3 parts (24 significant
       bits, float32's) give float32's synapses up to summation order; 1 (default) is the plain
       one-product cast.
+    sparse: compute the convolutions on spikes (every conv but `begin`) with
+      `spike_conv.conv`, a C++ XLA:CPU kernel that adds only the kernel rows of the active
+      inputs (float32/float64, CPU only; the gradient stays the dense one). Same results up to
+      summation order; its cost scales with the spike count instead of the layer size.
   """
   fs: float = 4.0
   num_classes: int = 10
@@ -83,6 +88,7 @@ class BITnet6(nn.Module):
   surrogate: str = "ste"
   dtype: Any = jnp.float32
   kernel_parts: int = 1
+  sparse: bool = False
 
   pools_after = ("layer1", "layer2", "layer4")  # the 2x2 maxpools, besides the 64x64 one
 
@@ -107,6 +113,9 @@ class BITnet6(nn.Module):
     neuron.get_surrogate(self.surrogate)
     if self.kernel_parts not in (1, 2, 3):
       raise ValueError(f"kernel_parts must be 1, 2 or 3, got {self.kernel_parts!r}")
+    if self.sparse and jnp.dtype(self.dtype) not in (jnp.float32, jnp.float64):
+      raise ValueError(f"sparse synapses compute in float32 or float64 (exact spikes times "
+                       f"float32 weights), got dtype {jnp.dtype(self.dtype).name}")
 
   @property
   def state_dtype(self):
@@ -151,6 +160,10 @@ class BITnet6(nn.Module):
     """
     if layer == "mlp1":
       x = x.reshape(x.shape[0], -1)  # (N, 4*4*c4), NHWC order
+    if self.sparse and layer not in ("begin", "mlp1") and not self.is_initializing():
+      params = self.variables["params"][layer]
+      kernel = params["kernel"].astype(self.dtype)
+      return spike_conv.conv(x.astype(self.dtype), kernel) + params["bias"]
     if self.kernel_parts == 1 or self.is_initializing():
       return getattr(self, layer)(x.astype(self.dtype)).astype(self.state_dtype)
     params = self.variables["params"][layer]

@@ -34,6 +34,7 @@ from bitnet_jax import evaluate as evaluate_lib
 from bitnet_jax import input_pipeline
 from bitnet_jax import losses
 from bitnet_jax import models
+from bitnet_jax import spike_conv
 
 
 
@@ -62,6 +63,12 @@ def validate_config(config: ml_collections.ConfigDict):
   need(config.compute_dtype in models.COMPUTE_DTYPES,
        f"compute_dtype must be one of {tuple(models.COMPUTE_DTYPES)}, got "
        f"{config.compute_dtype!r}")
+  need(config.synapses in ("dense", "sparse"),
+       f"synapses must be dense or sparse, got {config.synapses!r}")
+  if config.synapses == "sparse":
+    need(config.compute_dtype == "float32",
+         f"synapses=sparse computes in float32, got compute_dtype={config.compute_dtype!r}")
+    spike_conv.check_available()
   for field in ("time_steps", "eval_time_steps", "batch_size", "eval_batch_size", "num_epochs",
                 "log_every", "checkpoint_every", "keep_checkpoints"):
     need(isinstance(config[field], int) and config[field] >= 1,
@@ -88,7 +95,8 @@ def make_module(config, info: datasets.DatasetInfo) -> models.BITnet6:
     raise ValueError(f"images must be square, dataset {info.name} has {h}x{w}")
   return models.VARIANTS[config.variant](
       fs=config.fs, num_classes=info.num_classes, img_size=h, in_channels=c,
-      surrogate=config.surrogate, **models.compute_dtype(config.compute_dtype))
+      surrogate=config.surrogate, sparse=config.synapses == "sparse",
+      **models.compute_dtype(config.compute_dtype))
 
 
 def make_optimizer(config, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:

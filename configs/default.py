@@ -27,6 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.compute_dtype = "float32"     # float32 | bfloat16 | bfloat16x2 | bfloat16x3 (synapses; params and
                                   # membranes stay float32). bfloat16xN: N bf16 parts of each kernel,
                                   # float32 sums; x3 spikes agree with float32 (README, "bfloat16")
+  c.synapses = "dense"            # dense | sparse: convs on spikes by a C++ XLA:CPU kernel that skips the
+                                  # zeros (CPU only, float32; needs a C++ compiler; README, "Sparse synapses")
 
   # Time steps (bitnet_jax/engines.py).
   c.time_steps = 50               # time steps T per image in training

@@ -1,0 +1,134 @@
+"""The zero-skipping spike convolution (`spike_conv.py`, `synapses="sparse"`) against the dense
+convolution, the NumPy reference of the release and the dense engines."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bitnet_jax
+from bitnet_jax import reference
+from bitnet_jax import spike_conv
+from bitnet_jax import torch_checkpoint
+from bitnet_jax import trainer
+from configs import default
+from conftest import firing_params
+
+_OK, _WHY = spike_conv.available()
+pytestmark = pytest.mark.skipif(not _OK, reason=f"spike_conv kernel unavailable: {_WHY}")
+
+STEPS = 6
+
+
+def _config(**overrides):
+  config = default.get_config()
+  config.update(overrides)
+  return config
+
+
+def _spikes(rng, shape, density):
+  return (rng.random(shape) < density).astype(np.float32)
+
+
+# (N, H, W, Ci, Co): Co that fills 4 vectors, 1 vector, and a scalar tail; Ci = 1; a row of 1.
+@pytest.mark.parametrize("shape", [(3, 8, 8, 16, 64), (2, 5, 7, 3, 20), (2, 4, 4, 1, 128 + 16 + 5),
+                                   (1, 1, 9, 8, 8)])
+@pytest.mark.parametrize("density", [0.0, 0.1, 1.0])
+def test_conv_matches_dense_conv(shape, density):
+  n, h, w, ci, co = shape
+  rng = np.random.default_rng(0)
+  x = _spikes(rng, (n, h, w, ci), density)
+  kernel = rng.standard_normal((3, 3, ci, co)).astype(np.float32)
+  got = jax.jit(spike_conv.conv)(x, kernel)
+  want = spike_conv._dense(x, kernel)  # pylint: disable=protected-access
+  assert got.shape == want.shape and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * 9 * ci)
+  with jax.enable_x64(True):
+    x64, k64 = jnp.asarray(x, jnp.float64), jnp.asarray(kernel, jnp.float64)
+    np.testing.assert_allclose(spike_conv.conv(x64, k64), spike_conv._dense(x64, k64),  # pylint: disable=protected-access
+                               rtol=0, atol=1e-12)
+
+
+def test_conv_gradient_is_the_dense_one():
+  rng = np.random.default_rng(1)
+  x = _spikes(rng, (2, 6, 6, 8), 0.2)
+  kernel = rng.standard_normal((3, 3, 8, 24)).astype(np.float32)
+  probe = rng.standard_normal((2, 6, 6, 24)).astype(np.float32)
+  loss = lambda f: lambda x, k: jnp.sum(f(x, k) * probe)
+  got = jax.grad(loss(spike_conv.conv), argnums=(0, 1))(x, kernel)
+  want = jax.grad(loss(spike_conv._dense), argnums=(0, 1))(x, kernel)  # pylint: disable=protected-access
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
+
+
+def test_conv_rejects_bad_input():
+  x = np.zeros((1, 4, 4, 8), np.float32)
+  with pytest.raises(ValueError, match=r"expected \(N, H, W, Ci\) spikes and a \(3, 3, Ci, Co\)"):
+    spike_conv.conv(x, np.zeros((3, 3, 4, 8), np.float32))
+  with pytest.raises(ValueError, match="must both be float32 or float64, got float32 and bfloat16"):
+    spike_conv.conv(x, jnp.zeros((3, 3, 8, 8), jnp.bfloat16))
+
+
+def test_unavailable_kernel_is_a_clear_error(monkeypatch):
+  monkeypatch.setattr(spike_conv, "_register", lambda: "no C++ compiler found (set $CXX)")
+  with pytest.raises(RuntimeError, match="sparse synapses .* not available: no C.. compiler"):
+    spike_conv.conv(np.zeros((1, 4, 4, 8), np.float32), np.zeros((3, 3, 8, 8), np.float32))
+  config = _config(synapses="sparse")
+  with pytest.raises(RuntimeError, match="no C.. compiler"):
+    trainer.validate_config(config)
+
+
+def test_sparse_needs_float32():
+  with pytest.raises(ValueError, match="sparse synapses compute in float32 or float64"):
+    bitnet_jax.create_model(fs=0.125, num_classes=10, dtype=jnp.bfloat16, sparse=True)
+  config = _config(synapses="sparse", compute_dtype="bfloat16")
+  with pytest.raises(ValueError, match="synapses=sparse computes in float32"):
+    trainer.validate_config(config)
+  config = _config(synapses="csr")
+  with pytest.raises(ValueError, match="synapses must be dense or sparse, got 'csr'"):
+    trainer.validate_config(config)
+
+
+@pytest.mark.parametrize("variant,img_size", [("BITnet6", 32), ("BITnet6_v101", 32),
+                                              ("BITnet6", 64)])
+def test_sparse_engines_equal_numpy_reference_float64(variant, img_size):
+  """In float64 the sparse synapses reproduce the release's per-step loop exactly."""
+  with jax.enable_x64(True):
+    model = bitnet_jax.create_model(variant, fs=0.125, num_classes=10, img_size=img_size,
+                                    dtype=jnp.float64, sparse=True, seed=1)
+    params = firing_params(model.params, gain=2.5)
+    images = np.random.default_rng(1).normal(size=(3, img_size, img_size, 3))
+    ref = reference.run(torch_checkpoint.to_reference_weights(params),
+                        images.transpose(0, 3, 1, 2), STEPS, variant=variant)
+    assert ref["counts"].sum() > 0 and ref["layer_spikes"].min() > 0
+    run = jax.jit(bitnet_jax.run, static_argnums=(0, 3), static_argnames="engine")
+    for engine in ("scan", "parallel"):
+      trace = run(model.module, params, jnp.asarray(images), STEPS, engine=engine)
+      np.testing.assert_array_equal(trace.out_spikes.sum(0), ref["counts"], err_msg=engine)
+      np.testing.assert_array_equal(trace.layer_spikes, ref["layer_spikes"], err_msg=engine)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _loss_and_grad(module, params, images, engine, remat):
+  def loss(params):
+    trace = bitnet_jax.run(module, params, images, STEPS, engine=engine, chunk=3, remat=remat)
+    counts = trace.out_spikes.sum(0)
+    return jnp.sum((counts / STEPS - 0.5) ** 2) + 1e-4 * trace.layer_spikes.sum(), trace
+  return jax.value_and_grad(loss, has_aux=True)(params)
+
+
+@pytest.mark.parametrize("engine,remat", [("scan", "step"), ("parallel", "stream")])
+def test_sparse_float32_agrees_with_dense(tiny_model, images, engine, remat):
+  """float32: spikes and `ste` gradients as the dense synapses give (up to summation order)."""
+  sparse = tiny_model.module.clone(sparse=True)
+  (_, base), g_base = _loss_and_grad(tiny_model.module, tiny_model.params, images, engine, remat)
+  (_, trace), grads = _loss_and_grad(sparse, tiny_model.params, images, engine, remat)
+  assert 0 < float(base.out_spikes.mean()) < 1
+  assert np.mean(np.asarray(trace.out_spikes) != np.asarray(base.out_spikes)) <= 1e-4
+  np.testing.assert_allclose(trace.layer_spikes, base.layer_spikes, rtol=1e-4)
+  # A clip window or spike that moves with the summation order moves a few gradient entries.
+  for g, ref in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(g_base)):
+    assert float(jnp.abs(g).max()) > 0
+    np.testing.assert_allclose(g, ref, rtol=0, atol=3e-4 * float(jnp.abs(ref).max()))
