@@ -133,7 +133,7 @@ def _load(args):
     params = torch_checkpoint.to_flax_params(dict(f), fs=args.fs, num_classes=args.classes)
   with np.load(args.batch_file) as f:
     images, labels = f["images"], f["labels"]
-  module = models.BITnet6(fs=args.fs, num_classes=args.classes,
+  module = models.BITnet6(fs=args.fs, num_classes=args.classes, sparse=args.synapse == "sparse",
                           **models.compute_dtype(args.dtype))
   return module, params, images, labels
 
@@ -148,7 +148,8 @@ def child_train(args) -> dict:
   _, params, images, labels = _load(args)
   config = default.get_config()
   config.update(fs=args.fs, time_steps=args.steps, batch_size=len(images), engine=args.engine,
-                remat=args.remat, chunk=args.chunk, compute_dtype=args.dtype, optimizer="sgd",
+                remat=args.remat, chunk=args.chunk, compute_dtype=args.dtype,
+                synapses=args.synapse, optimizer="sgd",
                 learning_rate=0.01, momentum=0.9, weight_decay=0.0, grad_clip=0.0,
                 schedule="constant", warmup_epochs=0.0)
   info = datasets.DatasetInfo(name="synthetic", num_classes=args.classes,
@@ -232,16 +233,18 @@ def _run_child(argv: list[str], timeout: float) -> dict:
   return result
 
 
-def _jax(kind, args, files, steps, engine, remat, chunk, dtype, iters) -> dict:
+def _jax(kind, args, files, steps, engine, remat, chunk, dtype, iters,
+         synapses="dense") -> dict:
   chunk = chunk if engine == "parallel" else 0
   argv = ["-m", "benchmarks.compare", "--child", kind, "--weights", files[0], "--batch_file",
           files[1], "--fs", str(args.fs), "--classes", str(args.classes), "--steps", str(steps),
           "--engine", engine, "--remat", remat, "--chunk", str(chunk), "--dtype", dtype,
-          "--iters", str(iters)]
+          "--synapse", synapses, "--iters", str(iters)]
   result = _run_child(argv, args.timeout)
-  result.update(framework="jax", mode=kind, steps=steps, dtype=dtype,
-                config=f"{engine}, remat={remat}, chunk={chunk}" if kind == "train" else
-                f"{engine}, chunk={chunk}" if engine == "parallel" else engine)
+  config = (f"{engine}, remat={remat}, chunk={chunk}" if kind == "train" else
+            f"{engine}, chunk={chunk}" if engine == "parallel" else engine)
+  result.update(framework="jax", mode=kind, steps=steps, dtype=dtype, synapses=synapses,
+                config=f"{config}, {synapses} synapses")
   return result
 
 
@@ -295,6 +298,9 @@ def main(argv=None):
   p.add_argument("--eval_chunk", type=int, default=10,
                  help="JAX evaluation, parallel engine: steps per chunk")
   p.add_argument("--dtypes", default="float32", help="JAX compute dtypes, comma separated")
+  p.add_argument("--synapses", default="dense,sparse",
+                 help="JAX synapses, comma separated: dense (XLA's convolutions) and/or sparse "
+                      "(spike_conv's zero-skipping CPU kernel; float32 only)")
   p.add_argument("--iters", type=int, default=3, help="timed JAX iterations (median)")
   p.add_argument("--torch_iters", type=int, default=2, help="timed PyTorch iterations (mean)")
   p.add_argument("--torch", choices=("on", "off"), default="on", help="run the baseline")
@@ -313,6 +319,7 @@ def main(argv=None):
   p.add_argument("--remat", default="none", help=argparse.SUPPRESS)
   p.add_argument("--chunk", type=int, default=0, help=argparse.SUPPRESS)
   p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+  p.add_argument("--synapse", default="dense", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
 
   if args.child:
@@ -325,7 +332,9 @@ def main(argv=None):
     args.compile_steps, args.iters, args.torch_iters, args.eval_chunk = 2, 1, 1, 4
     args.train_chunk = min(args.train_chunk, 2)  # T=4 then runs two chunks
   train_steps = [int(t) for t in args.train_steps.split(",") if t]
-  dtypes = [d for d in args.dtypes.split(",") if d]
+  # (dtype, synapses) of the JAX rows: sparse synapses compute in float32 only.
+  variants = [(d, s) for s in args.synapses.split(",") if s for d in args.dtypes.split(",")
+              if d and (s == "dense" or d == "float32")]
 
   with tempfile.TemporaryDirectory() as tmp:
     # This process imports neither JAX nor PyTorch: it stays small, so that it does not show in
@@ -346,16 +355,16 @@ def main(argv=None):
       print(json.dumps(row), flush=True)
 
     for steps in train_steps:
-      for dtype in dtypes:
+      for dtype, synapses in variants:
         add(_jax("train", args, files, steps, "parallel", args.train_remat, args.train_chunk,
-                 dtype, args.iters))
+                 dtype, args.iters, synapses))
       if args.default_config and steps == train_steps[0]:
         add(_jax("train", args, files, steps, "parallel", "none", 0, "float32", args.iters))
       if args.torch == "on":
         add(_torch("train", args, files, steps, args.torch_iters))
-    for dtype in dtypes:
+    for dtype, synapses in variants:
       add(_jax("eval", args, files, args.eval_steps, args.eval_engine, "none", args.eval_chunk,
-               dtype, args.iters))
+               dtype, args.iters, synapses))
     short = _jax("eval", args, files, args.compile_steps, args.eval_engine, "none",
                  min(args.eval_chunk, args.compile_steps), "float32", 1)
     if args.torch == "on":

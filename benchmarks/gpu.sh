@@ -17,5 +17,5 @@ python -c "import jax; print('devices:', jax.devices())"
 exec python -m benchmarks.compare \
   --fs 4 --batch 128 --train_steps 50 --eval_steps 200 --compile_steps 10 \
   --train_remat stream --train_chunk 10 --eval_engine parallel --eval_chunk 25 \
-  --dtypes float32,bfloat16,bfloat16x3 --iters 3 --torch off --timeout 280 \
+  --dtypes float32,bfloat16,bfloat16x3 --synapses dense --iters 3 --torch off --timeout 280 \
   --json "${BITNET_BENCH_JSON:-/tmp/bitnet_gpu_benchmark.json}" "$@"

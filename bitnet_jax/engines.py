@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from bitnet_jax import neuron
 from bitnet_jax import models
+from bitnet_jax import spike_conv
 from bitnet_jax import streaming
 
 ENGINES = ("scan", "parallel")
@@ -105,7 +106,7 @@ def run(module: models.BITnet6, params, images: jax.Array, steps: int, *,
   states = tuple(jnp.zeros((batch,) + spec.shape, module.state_dtype) for spec in plan)
   pred0 = synapse("begin", images)  # (B, H, W, c1): the first layer's input never changes
   if engine == "scan":
-    return _scan(plan, synapse, fire, pred0, states, steps, k)
+    return _scan(_layer_steps(module, params, plan, synapse, fire), pred0, states, steps, k)
   if k == "stream":
     return Trace(*streaming.run(module, params, pred0, steps, chunk))
   return _parallel(plan, synapse, fire, pred0, states, steps, chunk or steps, k)
@@ -117,15 +118,32 @@ def _per_image_sum(spikes: jax.Array, leading: int) -> jax.Array:
   return spikes.sum(axes)
 
 
-def _scan(plan, synapse, fire, pred0, states, steps, remat):
+def _layer_steps(module, params, plan, synapse, fire):
+  """Per layer, one time step `(x, state) -> (output, state, spikes per image)` where output is
+  the (pooled) spikes and x the layer's input (for `begin`, its constant pred).
+
+  Sparse models run their conv layers on spikes as one fused call (`spike_conv.layer_step`).
+  """
+  def dense(spec, x, state):
+    spike, state = fire(state, x if spec.name == "begin" else synapse(spec.name, x))
+    return (models.maxpool(spike) if spec.pool else spike), state, _per_image_sum(spike, 0)
+
+  def fused(spec, x, state):
+    layer, dtype = params[spec.name], module.state_dtype
+    return spike_conv.layer_step(x, layer["kernel"].astype(dtype), layer["bias"].astype(dtype),
+                                 state, spec.pool, module.surrogate)
+
+  on_spikes = lambda spec: module.sparse and spec.name not in ("begin", "mlp1")
+  return tuple(functools.partial(fused if on_spikes(spec) else dense, spec) for spec in plan)
+
+
+def _scan(layer_steps, pred0, states, steps, remat):
   def step(states, _):
-    x, new_states, fired = None, [], []
-    for i, spec in enumerate(plan):
-      pred = pred0 if i == 0 else synapse(spec.name, x)
-      spike, state = fire(states[i], pred)
+    x, new_states, fired = pred0, [], []
+    for layer_step, state in zip(layer_steps, states):
+      x, state, count = layer_step(x, state)
       new_states.append(state)
-      fired.append(_per_image_sum(spike, 0))  # (B,)
-      x = models.maxpool(spike) if spec.pool else spike
+      fired.append(count)  # (B,)
     return tuple(new_states), (x, jnp.stack(fired, -1))  # (B, classes), (B, 6)
 
   if remat == "none":

@@ -1,9 +1,15 @@
-"""A convolution of 0/1 spikes that skips the zeros, for XLA:CPU (`csrc/spike_conv.cc`).
+"""Convolutions of 0/1 spikes that skip the zeros, for XLA:CPU (`csrc/spike_conv.cc`).
 
-`conv(spikes, kernel)` equals the 3x3 'SAME' convolution of `models._linear` (up to summation
-order): per output position it adds only the kernel rows of the active inputs around it, so its
-cost scales with the number of spikes instead of the number of inputs. Its gradient is the dense
-convolution's (`jax.custom_vjp`), so a model that uses it still trains.
+- `conv(spikes, kernel)` equals the 3x3 'SAME' convolution of `models._linear` (up to summation
+  order): per output position it adds only the kernel rows of the active inputs around it, so
+  its cost scales with the number of spikes instead of the number of inputs.
+- `layer_step(spikes, kernel, bias, state, pool=..., surrogate=...)` is one time step of a
+  spiking conv layer in one call: that synapse, the bias, the bddi neuron (`neuron.bddi`), the
+  2x2 max pool and the per-image spike count, so that the membrane is read and written once per
+  step and no float32 pre-activation is stored (the `scan` engine uses it for sparse models).
+
+Both differentiate as the dense computations do (`jax.custom_vjp`: the backward recomputes
+them densely), so a model that uses them still trains.
 
 The kernel is C++ built on first use with the host's compiler (`$CXX`, else `c++`/`g++`;
 `-O3 -march=native`) against the XLA FFI headers that jaxlib ships, and cached in
@@ -25,8 +31,7 @@ import numpy as np
 
 SOURCE = Path(__file__).parent / "csrc" / "spike_conv.cc"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-_TARGETS = {np.dtype(np.float32): "bitnet_spike_conv_f32",
-            np.dtype(np.float64): "bitnet_spike_conv_f64"}
+_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
 
 def _compiler() -> str | None:
@@ -75,10 +80,11 @@ def _register() -> str | None:
     return str(e)
   import ctypes  # pylint: disable=import-outside-toplevel
   handle = ctypes.cdll.LoadLibrary(str(lib))
-  for symbol, target in (("BitnetSpikeConvF32", "bitnet_spike_conv_f32"),
-                         ("BitnetSpikeConvF64", "bitnet_spike_conv_f64")):
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, symbol)),
-                                platform="cpu")
+  for op, symbol in (("conv", "BitnetSpikeConv"), ("layer", "BitnetSpikeLayer")):
+    for suffix in ("f32", "f64"):
+      jax.ffi.register_ffi_target(f"bitnet_spike_{op}_{suffix}",
+                                  jax.ffi.pycapsule(getattr(handle, symbol + suffix.upper())),
+                                  platform="cpu")
   return None
 
 
@@ -112,15 +118,22 @@ def conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   Returns:
     (N, H, W, Co) in x's dtype.
   """
-  if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[3]:
-    raise ValueError(f"spike_conv.conv: expected (N, H, W, Ci) spikes and a (3, 3, Ci, Co) "
-                     f"kernel, got {x.shape} and {kernel.shape}")
-  if x.dtype != kernel.dtype or np.dtype(x.dtype) not in _TARGETS:
-    raise ValueError(f"spike_conv.conv: spikes and kernel must both be float32 or float64, "
-                     f"got {x.dtype} and {kernel.dtype}")
-  check_available()
+  _check("conv", x, kernel)
   out = jax.ShapeDtypeStruct(x.shape[:3] + kernel.shape[3:], x.dtype)
-  return jax.ffi.ffi_call(_TARGETS[np.dtype(x.dtype)], out, vmap_method="sequential")(x, kernel)
+  return jax.ffi.ffi_call(f"bitnet_spike_conv_{_SUFFIX[np.dtype(x.dtype)]}", out,
+                          vmap_method="sequential")(x, kernel)
+
+
+def _check(op, x, kernel, *more):
+  """Raises ValueError unless x, kernel (and `more`) are a valid float32/float64 input."""
+  if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[3]:
+    raise ValueError(f"spike_conv.{op}: expected (N, H, W, Ci) spikes and a (3, 3, Ci, Co) "
+                     f"kernel, got {x.shape} and {kernel.shape}")
+  dtypes = {jnp.dtype(a.dtype) for a in (x, kernel, *more)}
+  if len(dtypes) != 1 or dtypes.pop() not in _SUFFIX:
+    raise ValueError(f"spike_conv.{op}: all inputs must be float32, or all float64, got "
+                     f"{', '.join(str(a.dtype) for a in (x, kernel, *more))}")
+  check_available()
 
 
 def _conv_fwd(x, kernel):
@@ -134,3 +147,58 @@ def _conv_bwd(residual, g):
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _layer_dense(x, kernel, bias, state, pool, surrogate):
+  """What `layer_step` computes, with the dense convolution (its backward differentiates this)."""
+  from bitnet_jax import models, neuron  # pylint: disable=import-outside-toplevel
+  spike, new_state = neuron.bddi(state, _dense(x, kernel) + bias, surrogate)
+  count = spike.reshape(spike.shape[0], -1).sum(1)
+  return (models.maxpool(spike) if pool else spike), new_state, count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def layer_step(x, kernel, bias, state, pool: bool, surrogate: str):
+  """One time step of a spiking 3x3 conv layer on 0/1 input spikes, skipping the zeros.
+
+  Args:
+    x: (N, H, W, Ci) input spikes (0/1), float32 or float64.
+    kernel: (3, 3, Ci, Co) HWIO kernel; bias: (Co,); state: (N, H, W, Co) membranes; all of
+      x's dtype.
+    pool: apply the 2x2 max pool to the output spikes.
+    surrogate: the bddi surrogate (only the backward uses it).
+
+  Returns:
+    (spikes, new_state, count): (N, H/2, W/2, Co) or (N, H, W, Co) spikes, (N, H, W, Co)
+    membranes after the step, (N,) spikes per image before pooling.
+  """
+  del surrogate  # the forward does not depend on it
+  _check("layer_step", x, kernel, bias, state)
+  n, h, w, co = state.shape
+  if state.shape[:3] != x.shape[:3] or bias.shape != (co,) or kernel.shape[3] != co:
+    raise ValueError(f"spike_conv.layer_step: expected a ({co},) bias and an (N, H, W, Co) "
+                     f"state for spikes {x.shape} and kernel {kernel.shape}, got {bias.shape} "
+                     f"and {state.shape}")
+  if w > 64 or (pool and (h % 2 or w % 2)):
+    raise ValueError(f"spike_conv.layer_step: needs a width of at most 64, and an even height "
+                     f"and width to pool; got {h}x{w}, pool={pool}")
+  spikes = (n, h // 2, w // 2, co) if pool else (n, h, w, co)
+  out = (jax.ShapeDtypeStruct(spikes, x.dtype), jax.ShapeDtypeStruct(state.shape, x.dtype),
+         jax.ShapeDtypeStruct((n,), x.dtype))
+  return tuple(jax.ffi.ffi_call(f"bitnet_spike_layer_{_SUFFIX[np.dtype(x.dtype)]}", out,
+                                vmap_method="sequential")(x, kernel, bias, state, pool=pool))
+
+
+def _layer_fwd(x, kernel, bias, state, pool, surrogate):
+  return layer_step(x, kernel, bias, state, pool, surrogate), (x.astype(jnp.bool_), kernel,
+                                                                bias, state)
+
+
+def _layer_bwd(pool, surrogate, residual, g):
+  x, kernel, bias, state = residual
+  f = lambda *args: _layer_dense(*args, pool, surrogate)
+  _, vjp = jax.vjp(f, x.astype(kernel.dtype), kernel, bias, state)
+  return vjp(g)
+
+
+layer_step.defvjp(_layer_fwd, _layer_bwd)

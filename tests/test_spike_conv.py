@@ -67,7 +67,8 @@ def test_conv_rejects_bad_input():
   x = np.zeros((1, 4, 4, 8), np.float32)
   with pytest.raises(ValueError, match=r"expected \(N, H, W, Ci\) spikes and a \(3, 3, Ci, Co\)"):
     spike_conv.conv(x, np.zeros((3, 3, 4, 8), np.float32))
-  with pytest.raises(ValueError, match="must both be float32 or float64, got float32 and bfloat16"):
+  with pytest.raises(ValueError, match="all inputs must be float32, or all float64, got float32, "
+                                       "bfloat16"):
     spike_conv.conv(x, jnp.zeros((3, 3, 8, 8), jnp.bfloat16))
 
 

@@ -22,6 +22,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -60,39 +64,12 @@ struct Geometry {
   int64_t n, h, w, ci, co;
 };
 
-// Adds, for output position (b, y, x), the kernel columns [c0, c0 + K * lanes) of every active
-// input around it. K vectors stay in registers.
-template <typename T, int K>
-void AccumulateTile(const Geometry& g, const T* kernel, const uint16_t* lists,
-                    const uint16_t* counts, int64_t b, int64_t y, int64_t x, int64_t c0,
-                    T* out) {
-  using V = Vec<T>;
-  typename V::type acc[K];
-  for (int k = 0; k < K; ++k) acc[k] = typename V::type{};
-  for (int64_t dy = 0; dy < 3; ++dy) {
-    int64_t yy = y + dy - 1;
-    if (yy < 0 || yy >= g.h) continue;
-    for (int64_t dx = 0; dx < 3; ++dx) {
-      int64_t xx = x + dx - 1;
-      if (xx < 0 || xx >= g.w) continue;
-      int64_t q = (b * g.h + yy) * g.w + xx;
-      const uint16_t* list = lists + q * g.ci;
-      const T* tap = kernel + (dy * 3 + dx) * g.ci * g.co + c0;
-      for (int64_t j = 0, m = counts[q]; j < m; ++j) {
-        const T* row = tap + list[j] * g.co;
-        for (int k = 0; k < K; ++k) acc[k] += V::Load(row + k * V::kLanes);
-      }
-    }
-  }
-  for (int k = 0; k < K; ++k) V::Store(out + c0 + k * V::kLanes, acc[k]);
-}
-
-// The same for the last columns [c0, co) that fill no whole vector.
-template <typename T>
-void AccumulateScalar(const Geometry& g, const T* kernel, const uint16_t* lists,
-                      const uint16_t* counts, int64_t b, int64_t y, int64_t x, int64_t c0,
-                      T* out) {
-  for (int64_t c = c0; c < g.co; ++c) out[c] = 0;
+// Calls row_fn(row) for the kernel row w[tap, c, :] of every active input c around output
+// position (b, y, x), two rows at a time (row_fn2), taps in row-major order.
+template <typename T, typename F1, typename F2>
+inline void ForActiveRows(const Geometry& g, const T* kernel, const uint16_t* lists,
+                          const uint16_t* counts, int64_t b, int64_t y, int64_t x, F1 row_fn,
+                          F2 row_fn2) {
   for (int64_t dy = 0; dy < 3; ++dy) {
     int64_t yy = y + dy - 1;
     if (yy < 0 || yy >= g.h) continue;
@@ -102,51 +79,196 @@ void AccumulateScalar(const Geometry& g, const T* kernel, const uint16_t* lists,
       int64_t q = (b * g.h + yy) * g.w + xx;
       const uint16_t* list = lists + q * g.ci;
       const T* tap = kernel + (dy * 3 + dx) * g.ci * g.co;
-      for (int64_t j = 0, m = counts[q]; j < m; ++j) {
-        const T* row = tap + list[j] * g.co;
-        for (int64_t c = c0; c < g.co; ++c) out[c] += row[c];
-      }
+      const int64_t m = counts[q];
+      int64_t j = 0;
+      for (; j + 2 <= m; j += 2) row_fn2(tap + list[j] * g.co, tap + list[j + 1] * g.co);
+      if (j < m) row_fn(tap + list[j] * g.co);
     }
   }
 }
 
+// Output columns [c0, c0 + 4 vectors) of position (b, y, x), written to out[0, 4 vectors): 8 accumulators in registers (two
+// sets, for two rows at a time), named so that the compiler does not spill them.
+template <typename T>
+void AccumulateTile4(const Geometry& g, const T* kernel, const uint16_t* lists,
+                     const uint16_t* counts, int64_t b, int64_t y, int64_t x, int64_t c0,
+                     T* out) {
+  using V = Vec<T>;
+  constexpr int L = V::kLanes;
+  typename V::type a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
+  ForActiveRows(g, kernel + c0, lists, counts, b, y, x,
+      [&](const T* r) {
+        a0 += V::Load(r); a1 += V::Load(r + L); a2 += V::Load(r + 2 * L);
+        a3 += V::Load(r + 3 * L);
+      },
+      [&](const T* r, const T* s) {
+        a0 += V::Load(r); a1 += V::Load(r + L); a2 += V::Load(r + 2 * L);
+        a3 += V::Load(r + 3 * L);
+        b0 += V::Load(s); b1 += V::Load(s + L); b2 += V::Load(s + 2 * L);
+        b3 += V::Load(s + 3 * L);
+      });
+  V::Store(out, a0 + b0);
+  V::Store(out + L, a1 + b1);
+  V::Store(out + 2 * L, a2 + b2);
+  V::Store(out + 3 * L, a3 + b3);
+}
+
+// Output columns [c0, c0 + 1 vector), written to out[0, 1 vector).
+template <typename T>
+void AccumulateTile1(const Geometry& g, const T* kernel, const uint16_t* lists,
+                     const uint16_t* counts, int64_t b, int64_t y, int64_t x, int64_t c0,
+                     T* out) {
+  using V = Vec<T>;
+  typename V::type a0{}, b0{};
+  ForActiveRows(g, kernel + c0, lists, counts, b, y, x,
+                [&](const T* r) { a0 += V::Load(r); },
+                [&](const T* r, const T* s) { a0 += V::Load(r); b0 += V::Load(s); });
+  V::Store(out, a0 + b0);
+}
+
+// Columns [c0, c1) that fill no whole vector, written to out[0, c1 - c0).
+template <typename T>
+void AccumulateScalar(const Geometry& g, const T* kernel, const uint16_t* lists,
+                      const uint16_t* counts, int64_t b, int64_t y, int64_t x, int64_t c0,
+                      int64_t c1, T* out) {
+  const int64_t n = c1 - c0;
+  for (int64_t c = 0; c < n; ++c) out[c] = 0;
+  auto add = [&](const T* r) { for (int64_t c = 0; c < n; ++c) out[c] += r[c]; };
+  ForActiveRows(g, kernel + c0, lists, counts, b, y, x, add,
+                [&](const T* r, const T* s) { add(r); add(s); });
+}
+
+// Writes the indices of the nonzero entries of in[0, n) to list, in order; returns how many.
+template <typename T>
+uint16_t ActiveChannels(const T* in, int64_t n, uint16_t* list) {
+  int64_t m = 0, c = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI2__)
+  if constexpr (sizeof(T) == 4) {  // 16 channels at a time: compare, then compress the indices
+    const __m256i step = _mm256_set1_epi16(16);
+    __m256i index = _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; c + 16 <= n; c += 16, index = _mm256_add_epi16(index, step)) {
+      __mmask16 nz = _mm512_cmp_ps_mask(_mm512_loadu_ps(in + c), _mm512_setzero_ps(), _CMP_NEQ_UQ);
+      // Compress in a register, then store all 16 (m <= c: the extra ones stay inside the row
+      // and are overwritten or past the count). Zen 4's compress-to-memory is microcoded.
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(list + m),
+                          _mm256_maskz_compress_epi16(nz, index));
+      m += __builtin_popcount(nz);
+    }
+  }
+#endif
+  for (; c < n; ++c) {
+    list[m] = static_cast<uint16_t>(c);
+    m += in[c] != T(0);
+  }
+  return static_cast<uint16_t>(m);
+}
+
+// Per input position, its active channels (lists: positions x ci, counts: positions), in scratch
+// reused between calls (one per calling thread), so that a call costs no page faults.
+template <typename T>
+void BuildLists(ffi::ThreadPool& pool, const Geometry& g, const T* x, const uint16_t** lists,
+                const uint16_t** counts) {
+  const int64_t positions = g.n * g.h * g.w;
+  thread_local std::vector<uint16_t> list_buf, count_buf;
+  list_buf.resize(positions * g.ci);
+  count_buf.resize(positions);
+  uint16_t* list_data = list_buf.data();
+  uint16_t* count_data = count_buf.data();
+  const int64_t block = 64;
+  ParallelFor(pool, (positions + block - 1) / block, [&](int64_t i) {
+    for (int64_t p = i * block, end = std::min(positions, p + block); p < end; ++p)
+      count_data[p] = ActiveChannels(x + p * g.ci, g.ci, list_data + p * g.ci);
+  });
+  *lists = list_data;
+  *counts = count_data;
+}
+
+// Columns [c0, c1) of output position (b, y, x), the synapse without its bias, to out[0, c1 - c0).
+template <typename T>
+inline void Accumulate(const Geometry& g, const T* kernel, const uint16_t* lists,
+                       const uint16_t* counts, int64_t b, int64_t y, int64_t x, int64_t c0,
+                       int64_t c1, T* out) {
+  constexpr int64_t L = Vec<T>::kLanes;
+  int64_t c = c0;
+  if (c + 4 * L <= c1) {
+    AccumulateTile4<T>(g, kernel, lists, counts, b, y, x, c, out);
+    c += 4 * L;
+  }
+  for (; c + L <= c1; c += L)
+    AccumulateTile1<T>(g, kernel, lists, counts, b, y, x, c, out + (c - c0));
+  if (c < c1) AccumulateScalar<T>(g, kernel, lists, counts, b, y, x, c, c1, out + (c - c0));
+}
+
 template <typename T>
 void SpikeConv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const T* kernel, T* out) {
-  using V = Vec<T>;
-  const int64_t positions = g.n * g.h * g.w;
-  // Scratch reused between calls (one per calling thread), so no page faults per call.
-  thread_local std::vector<uint16_t> lists, counts;
-  lists.resize(positions * g.ci);
-  counts.resize(positions);
-  uint16_t* list_data = lists.data();
-  uint16_t* count_data = counts.data();
-
-  const int64_t block = 64;  // positions per task
+  const uint16_t *lists, *counts;
+  BuildLists(pool, g, x, &lists, &counts);
+  // Output channels in tiles of 4 vectors (the last tile takes the rest). Tile-major order: a
+  // task adds rows of one tile's kernel slice (9 * ci * tile), which stays in the L2 cache.
+  const int64_t positions = g.n * g.h * g.w, block = 64;
   const int64_t blocks = (positions + block - 1) / block;
-  ParallelFor(pool, blocks, [&](int64_t i) {
-    for (int64_t p = i * block, end = std::min(positions, p + block); p < end; ++p) {
-      const T* in = x + p * g.ci;
-      uint16_t* list = list_data + p * g.ci;
-      int64_t m = 0;
-      for (int64_t c = 0; c < g.ci; ++c) {
-        list[m] = static_cast<uint16_t>(c);
-        m += in[c] != T(0);
+  const int64_t tile = 4 * Vec<T>::kLanes, tiles = (g.co + tile - 1) / tile;
+  ParallelFor(pool, tiles * blocks, [&](int64_t i) {
+    const int64_t c0 = (i / blocks) * tile, c1 = std::min(g.co, c0 + tile);
+    for (int64_t p = (i % blocks) * block, end = std::min(positions, p + block); p < end; ++p)
+      Accumulate(g, kernel, lists, counts, p / (g.h * g.w), (p / g.w) % g.h, p % g.w, c0, c1,
+                 out + p * g.co + c0);
+  });
+}
+
+// One time step of a spiking conv layer (docs/ORIGINAL.md), fused: synapse on the input spikes,
+// bias, clip to [0, 1], integrate into the membrane, fire at 1, reset by subtraction, then the
+// 2x2 max pool of the spikes (if `pool`) and the number of spikes per image (before pooling).
+// Each task takes two rows of one image and one tile of channels, so it owns whole windows.
+template <typename T>
+void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, bool do_pool, const T* x,
+                const T* kernel, const T* bias, const T* state, T* spikes_out, T* state_out,
+                T* counts_out) {
+  const uint16_t *lists, *counts;
+  BuildLists(pool, g, x, &lists, &counts);
+  const int64_t tile = 4 * Vec<T>::kLanes, tiles = (g.co + tile - 1) / tile;
+  const int64_t pairs = (g.h + 1) / 2;  // row pairs per image (the last may be a single row)
+  std::vector<T> partial(g.n * pairs * tiles);  // spikes per task, summed in order below
+  ParallelFor(pool, g.n * pairs * tiles, [&](int64_t i) {
+    const int64_t t = i % tiles, r = (i / tiles) % pairs, b = i / (tiles * pairs);
+    const int64_t c0 = t * tile, c1 = std::min(g.co, c0 + tile), width = c1 - c0;
+    T z[4 * Vec<T>::kLanes];
+    T fired[2 * 64 * 4 * Vec<T>::kLanes];  // the task's spikes before pooling (w <= 64)
+    T total = 0;
+    for (int64_t dy = 0; dy < 2 && 2 * r + dy < g.h; ++dy) {
+      const int64_t y = 2 * r + dy;
+      for (int64_t xpos = 0; xpos < g.w; ++xpos) {
+        const int64_t p = (b * g.h + y) * g.w + xpos;
+        Accumulate(g, kernel, lists, counts, b, y, xpos, c0, c1, z);
+        const T* s_in = state + p * g.co + c0;
+        T* s_out = state_out + p * g.co + c0;
+        T* spike = do_pool ? fired + (dy * g.w + xpos) * width : spikes_out + p * g.co + c0;
+        for (int64_t c = 0; c < width; ++c) {
+          T pred = std::min(std::max(z[c] + bias[c0 + c], T(0)), T(1));
+          T v = s_in[c] + pred;
+          T fire = v >= T(1) ? T(1) : T(0);
+          s_out[c] = v - fire;
+          spike[c] = fire;
+          total += fire;
+        }
       }
-      count_data[p] = static_cast<uint16_t>(m);
+    }
+    partial[i] = total;
+    if (!do_pool) return;
+    const int64_t ow = g.w / 2;
+    for (int64_t ox = 0; ox < ow; ++ox) {
+      T* o = spikes_out + ((b * (g.h / 2) + r) * ow + ox) * g.co + c0;
+      const T* a = fired + 2 * ox * width;
+      const T* d = fired + (g.w + 2 * ox) * width;
+      for (int64_t c = 0; c < width; ++c)
+        o[c] = std::max(std::max(a[c], a[width + c]), std::max(d[c], d[width + c]));
     }
   });
-  ParallelFor(pool, blocks, [&](int64_t i) {
-    for (int64_t p = i * block, end = std::min(positions, p + block); p < end; ++p) {
-      const int64_t b = p / (g.h * g.w), y = (p / g.w) % g.h, xpos = p % g.w;
-      T* o = out + p * g.co;
-      int64_t c0 = 0;
-      for (; c0 + 4 * V::kLanes <= g.co; c0 += 4 * V::kLanes)
-        AccumulateTile<T, 4>(g, kernel, list_data, count_data, b, y, xpos, c0, o);
-      for (; c0 + V::kLanes <= g.co; c0 += V::kLanes)
-        AccumulateTile<T, 1>(g, kernel, list_data, count_data, b, y, xpos, c0, o);
-      if (c0 < g.co) AccumulateScalar<T>(g, kernel, list_data, count_data, b, y, xpos, c0, o);
-    }
-  });
+  for (int64_t b = 0; b < g.n; ++b) {
+    T sum = 0;
+    for (int64_t k = 0; k < pairs * tiles; ++k) sum += partial[b * pairs * tiles + k];
+    counts_out[b] = sum;
+  }
 }
 
 template <ffi::DataType D>
@@ -167,7 +289,44 @@ ffi::Error SpikeConvHandler(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+template <ffi::DataType D>
+ffi::Error SpikeLayerHandler(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<D> kernel,
+                             ffi::Buffer<D> bias, ffi::Buffer<D> state, bool do_pool,
+                             ffi::ResultBuffer<D> spikes, ffi::ResultBuffer<D> state_out,
+                             ffi::ResultBuffer<D> counts) {
+  auto xd = x.dimensions(), kd = kernel.dimensions(), sd = state.dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || sd.size() != 4 || bias.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument("spike_layer: expected (N, H, W, Ci) spikes, a (3, 3, "
+                                       "Ci, Co) kernel, a (Co,) bias and an (N, H, W, Co) state");
+  Geometry g{xd[0], xd[1], xd[2], xd[3], kd[3]};
+  if (kd[0] != 3 || kd[1] != 3 || kd[2] != g.ci || bias.dimensions()[0] != g.co ||
+      sd[0] != g.n || sd[1] != g.h || sd[2] != g.w || sd[3] != g.co)
+    return ffi::Error::InvalidArgument("spike_layer: shapes do not match");
+  if (g.ci > 65535 || g.w > 64 || (do_pool && (g.h % 2 || g.w % 2)))
+    return ffi::Error::InvalidArgument("spike_layer: at most 65535 input channels and a width "
+                                       "of 64; pooling needs an even height and width");
+  SpikeLayer(pool, g, do_pool, x.typed_data(), kernel.typed_data(), bias.typed_data(),
+             state.typed_data(), spikes->typed_data(), state_out->typed_data(),
+             counts->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+#define BITNET_SPIKE_LAYER(name, D)                                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, SpikeLayerHandler<D>,           \
+                                ffi::Ffi::Bind()                      \
+                                    .Ctx<ffi::ThreadPool>()           \
+                                    .Arg<ffi::Buffer<D>>()            \
+                                    .Arg<ffi::Buffer<D>>()            \
+                                    .Arg<ffi::Buffer<D>>()            \
+                                    .Arg<ffi::Buffer<D>>()            \
+                                    .Attr<bool>("pool")               \
+                                    .Ret<ffi::Buffer<D>>()            \
+                                    .Ret<ffi::Buffer<D>>()            \
+                                    .Ret<ffi::Buffer<D>>());
+BITNET_SPIKE_LAYER(BitnetSpikeLayerF32, ffi::F32)
+BITNET_SPIKE_LAYER(BitnetSpikeLayerF64, ffi::F64)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetSpikeConvF32, SpikeConvHandler<ffi::F32>,
                               ffi::Ffi::Bind()
