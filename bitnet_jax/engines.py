@@ -122,19 +122,22 @@ def _layer_steps(module, params, plan, synapse, fire):
   """Per layer, one time step `(x, state) -> (output, state, spikes per image)` where output is
   the (pooled) spikes and x the layer's input (for `begin`, its constant pred).
 
-  Sparse models run their conv layers on spikes as one fused call (`spike_conv.layer_step`).
+  Sparse models run each conv layer as one fused call (`spike_conv.layer_step`, or
+  `spike_conv.neuron_step` for `begin`).
   """
   def dense(spec, x, state):
     spike, state = fire(state, x if spec.name == "begin" else synapse(spec.name, x))
     return (models.maxpool(spike) if spec.pool else spike), state, _per_image_sum(spike, 0)
 
   def fused(spec, x, state):
+    if spec.name == "begin":
+      return spike_conv.neuron_step(x, state, spec.pool, module.surrogate)
     layer, dtype = params[spec.name], module.state_dtype
     return spike_conv.layer_step(x, layer["kernel"].astype(dtype), layer["bias"].astype(dtype),
                                  state, spec.pool, module.surrogate)
 
-  on_spikes = lambda spec: module.sparse and spec.name not in ("begin", "mlp1")
-  return tuple(functools.partial(fused if on_spikes(spec) else dense, spec) for spec in plan)
+  fuse = lambda spec: module.sparse and spec.name != "mlp1"
+  return tuple(functools.partial(fused if fuse(spec) else dense, spec) for spec in plan)
 
 
 def _scan(layer_steps, pred0, states, steps, remat):

@@ -80,7 +80,8 @@ def _register() -> str | None:
     return str(e)
   import ctypes  # pylint: disable=import-outside-toplevel
   handle = ctypes.cdll.LoadLibrary(str(lib))
-  for op, symbol in (("conv", "BitnetSpikeConv"), ("layer", "BitnetSpikeLayer")):
+  for op, symbol in (("conv", "BitnetSpikeConv"), ("layer", "BitnetSpikeLayer"),
+                     ("neuron", "BitnetSpikeNeuron")):
     for suffix in ("f32", "f64"):
       jax.ffi.register_ffi_target(f"bitnet_spike_{op}_{suffix}",
                                   jax.ffi.pycapsule(getattr(handle, symbol + suffix.upper())),
@@ -186,7 +187,8 @@ def layer_step(x, kernel, bias, state, pool: bool, surrogate: str):
   out = (jax.ShapeDtypeStruct(spikes, x.dtype), jax.ShapeDtypeStruct(state.shape, x.dtype),
          jax.ShapeDtypeStruct((n,), x.dtype))
   return tuple(jax.ffi.ffi_call(f"bitnet_spike_layer_{_SUFFIX[np.dtype(x.dtype)]}", out,
-                                vmap_method="sequential")(x, kernel, bias, state, pool=pool))
+                                vmap_method="sequential", input_output_aliases={3: 1})(
+                                    x, kernel, bias, state, pool=pool))
 
 
 def _layer_fwd(x, kernel, bias, state, pool, surrogate):
@@ -202,3 +204,54 @@ def _layer_bwd(pool, surrogate, residual, g):
 
 
 layer_step.defvjp(_layer_fwd, _layer_bwd)
+
+
+def _neuron_dense(pred, state, pool, surrogate):
+  """What `neuron_step` computes, in jnp (its backward differentiates this)."""
+  from bitnet_jax import models, neuron  # pylint: disable=import-outside-toplevel
+  spike, new_state = neuron.bddi(state, pred, surrogate)
+  count = spike.reshape(spike.shape[0], -1).sum(1)
+  return (models.maxpool(spike) if pool else spike), new_state, count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def neuron_step(pred, state, pool: bool, surrogate: str):
+  """One bddi step of a layer whose pred is given, with its pool and spike count.
+
+  Args:
+    pred: (N, H, W, C) synaptic input (before the clip), float32 or float64.
+    state: (N, H, W, C) membranes, pred's dtype.
+    pool, surrogate: as in `layer_step`.
+
+  Returns:
+    (spikes, new_state, count) as in `layer_step`.
+  """
+  del surrogate  # the forward does not depend on it
+  if pred.ndim != 4 or pred.shape != state.shape or pred.dtype != state.dtype or (
+      np.dtype(pred.dtype) not in _SUFFIX):
+    raise ValueError(f"spike_conv.neuron_step: expected (N, H, W, C) pred and state of one "
+                     f"dtype, float32 or float64, got {pred.shape} {pred.dtype} and "
+                     f"{state.shape} {state.dtype}")
+  check_available()
+  n, h, w, c = pred.shape
+  if w > 64 or (pool and (h % 2 or w % 2)):
+    raise ValueError(f"spike_conv.neuron_step: needs a width of at most 64, and an even height "
+                     f"and width to pool; got {h}x{w}, pool={pool}")
+  spikes = (n, h // 2, w // 2, c) if pool else (n, h, w, c)
+  out = (jax.ShapeDtypeStruct(spikes, pred.dtype), jax.ShapeDtypeStruct(state.shape, pred.dtype),
+         jax.ShapeDtypeStruct((n,), pred.dtype))
+  return tuple(jax.ffi.ffi_call(f"bitnet_spike_neuron_{_SUFFIX[np.dtype(pred.dtype)]}", out,
+                                vmap_method="sequential", input_output_aliases={1: 1})(
+                                    pred, state, pool=pool))
+
+
+def _neuron_fwd(pred, state, pool, surrogate):
+  return neuron_step(pred, state, pool, surrogate), (pred, state)
+
+
+def _neuron_bwd(pool, surrogate, residual, g):
+  _, vjp = jax.vjp(lambda *args: _neuron_dense(*args, pool, surrogate), *residual)
+  return vjp(g)
+
+
+neuron_step.defvjp(_neuron_fwd, _neuron_bwd)

@@ -216,35 +216,58 @@ void SpikeConv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const T* ke
   });
 }
 
-// One time step of a spiking conv layer (docs/ORIGINAL.md), fused: synapse on the input spikes,
-// bias, clip to [0, 1], integrate into the membrane, fire at 1, reset by subtraction, then the
-// 2x2 max pool of the spikes (if `pool`) and the number of spikes per image (before pooling).
-// Each task takes two rows of one image and one tile of channels, so it owns whole windows.
+// One time step of a spiking layer (docs/ORIGINAL.md), fused: pred = the synapse on the input
+// spikes x plus the bias (or, without a kernel, x itself: the first layer's constant pred), clip
+// to [0, 1], integrate into the membrane, fire at 1, reset by subtraction, then the 2x2 max pool
+// of the spikes (if `pool`) and the number of spikes per image (before pooling). A task takes
+// two rows of one image and one tile of channels, so it owns whole pooling windows; the tile is
+// the slowest index, so consecutive tasks share a tile's kernel slice in the cache.
 template <typename T>
 void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, bool do_pool, const T* x,
                 const T* kernel, const T* bias, const T* state, T* spikes_out, T* state_out,
                 T* counts_out) {
-  const uint16_t *lists, *counts;
-  BuildLists(pool, g, x, &lists, &counts);
+  const uint16_t *lists = nullptr, *counts = nullptr;
+  if (kernel != nullptr) BuildLists(pool, g, x, &lists, &counts);
   const int64_t tile = 4 * Vec<T>::kLanes, tiles = (g.co + tile - 1) / tile;
   const int64_t pairs = (g.h + 1) / 2;  // row pairs per image (the last may be a single row)
-  std::vector<T> partial(g.n * pairs * tiles);  // spikes per task, summed in order below
-  ParallelFor(pool, g.n * pairs * tiles, [&](int64_t i) {
-    const int64_t t = i % tiles, r = (i / tiles) % pairs, b = i / (tiles * pairs);
+  std::vector<T> partial(tiles * g.n * pairs);  // spikes per task, summed in order below
+  ParallelFor(pool, tiles * g.n * pairs, [&](int64_t i) {
+    const int64_t t = i / (g.n * pairs), b = (i / pairs) % g.n, r = i % pairs;
     const int64_t c0 = t * tile, c1 = std::min(g.co, c0 + tile), width = c1 - c0;
     T z[4 * Vec<T>::kLanes];
     T fired[2 * 64 * 4 * Vec<T>::kLanes];  // the task's spikes before pooling (w <= 64)
+    using V = Vec<T>;
+    using VT = typename V::type;
+    constexpr int64_t L = V::kLanes;
+    const VT zero{}, one = zero + T(1);
+    VT fired_lanes{};  // spike counts, exact in any order (integers)
     T total = 0;
     for (int64_t dy = 0; dy < 2 && 2 * r + dy < g.h; ++dy) {
       const int64_t y = 2 * r + dy;
       for (int64_t xpos = 0; xpos < g.w; ++xpos) {
         const int64_t p = (b * g.h + y) * g.w + xpos;
-        Accumulate(g, kernel, lists, counts, b, y, xpos, c0, c1, z);
-        const T* s_in = state + p * g.co + c0;
+        if (kernel != nullptr) {
+          Accumulate(g, kernel, lists, counts, b, y, xpos, c0, c1, z);
+          for (int64_t c = 0; c < width; ++c) z[c] += bias[c0 + c];
+        } else {
+          std::memcpy(z, x + p * g.co + c0, width * sizeof(T));
+        }
+        const T* s_in = state + p * g.co + c0;  // may alias s_out (updated in place)
         T* s_out = state_out + p * g.co + c0;
         T* spike = do_pool ? fired + (dy * g.w + xpos) * width : spikes_out + p * g.co + c0;
-        for (int64_t c = 0; c < width; ++c) {
-          T pred = std::min(std::max(z[c] + bias[c0 + c], T(0)), T(1));
+        int64_t c = 0;
+        for (; c + L <= width; c += L) {  // the scalar loop below, a vector at a time
+          VT pred = V::Load(z + c);
+          pred = pred < zero ? zero : pred;
+          pred = one < pred ? one : pred;
+          VT v = V::Load(s_in + c) + pred;
+          VT fire = v >= one ? one : zero;
+          V::Store(s_out + c, v - fire);
+          V::Store(spike + c, fire);
+          fired_lanes += fire;
+        }
+        for (; c < width; ++c) {
+          T pred = std::min(std::max(z[c], T(0)), T(1));
           T v = s_in[c] + pred;
           T fire = v >= T(1) ? T(1) : T(0);
           s_out[c] = v - fire;
@@ -253,6 +276,7 @@ void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, bool do_pool, const T*
         }
       }
     }
+    for (int64_t l = 0; l < L; ++l) total += fired_lanes[l];
     partial[i] = total;
     if (!do_pool) return;
     const int64_t ow = g.w / 2;
@@ -266,7 +290,8 @@ void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, bool do_pool, const T*
   });
   for (int64_t b = 0; b < g.n; ++b) {
     T sum = 0;
-    for (int64_t k = 0; k < pairs * tiles; ++k) sum += partial[b * pairs * tiles + k];
+    for (int64_t t = 0; t < tiles; ++t)
+      for (int64_t r = 0; r < pairs; ++r) sum += partial[(t * g.n + b) * pairs + r];
     counts_out[b] = sum;
   }
 }
@@ -311,7 +336,39 @@ ffi::Error SpikeLayerHandler(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// The neuron alone, on a given pred (the first layer, whose input never changes).
+template <ffi::DataType D>
+ffi::Error SpikeNeuronHandler(ffi::ThreadPool pool, ffi::Buffer<D> pred, ffi::Buffer<D> state,
+                              bool do_pool, ffi::ResultBuffer<D> spikes,
+                              ffi::ResultBuffer<D> state_out, ffi::ResultBuffer<D> counts) {
+  auto pd = pred.dimensions(), sd = state.dimensions();
+  if (pd.size() != 4 || sd.size() != 4 || pd[0] != sd[0] || pd[1] != sd[1] || pd[2] != sd[2] ||
+      pd[3] != sd[3])
+    return ffi::Error::InvalidArgument("spike_neuron: expected (N, H, W, C) pred and state");
+  Geometry g{pd[0], pd[1], pd[2], pd[3], pd[3]};
+  if (g.w > 64 || (do_pool && (g.h % 2 || g.w % 2)))
+    return ffi::Error::InvalidArgument("spike_neuron: at most a width of 64; pooling needs an "
+                                       "even height and width");
+  SpikeLayer<ffi::NativeType<D>>(pool, g, do_pool, pred.typed_data(), nullptr, nullptr,
+                                          state.typed_data(), spikes->typed_data(),
+                                          state_out->typed_data(), counts->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+#define BITNET_SPIKE_NEURON(name, D)                                  \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, SpikeNeuronHandler<D>,          \
+                                ffi::Ffi::Bind()                      \
+                                    .Ctx<ffi::ThreadPool>()           \
+                                    .Arg<ffi::Buffer<D>>()            \
+                                    .Arg<ffi::Buffer<D>>()            \
+                                    .Attr<bool>("pool")               \
+                                    .Ret<ffi::Buffer<D>>()            \
+                                    .Ret<ffi::Buffer<D>>()            \
+                                    .Ret<ffi::Buffer<D>>());
+BITNET_SPIKE_NEURON(BitnetSpikeNeuronF32, ffi::F32)
+BITNET_SPIKE_NEURON(BitnetSpikeNeuronF64, ffi::F64)
 
 #define BITNET_SPIKE_LAYER(name, D)                                   \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, SpikeLayerHandler<D>,           \
