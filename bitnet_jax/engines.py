@@ -109,7 +109,8 @@ def run(module: models.BITnet6, params, images: jax.Array, steps: int, *,
     return _scan(_layer_steps(module, params, plan, synapse, fire), pred0, states, steps, k)
   if k == "stream":
     return Trace(*streaming.run(module, params, pred0, steps, chunk))
-  return _parallel(plan, synapse, fire, pred0, states, steps, chunk or steps, k)
+  return _parallel(_layer_runs(module, params, plan, synapse, fire), pred0, states, steps,
+                   chunk or steps, k)
 
 
 def _per_image_sum(spikes: jax.Array, leading: int) -> jax.Array:
@@ -118,26 +119,53 @@ def _per_image_sum(spikes: jax.Array, leading: int) -> jax.Array:
   return spikes.sum(axes)
 
 
-def _layer_steps(module, params, plan, synapse, fire):
-  """Per layer, one time step `(x, state) -> (output, state, spikes per image)` where output is
-  the (pooled) spikes and x the layer's input (for `begin`, its constant pred).
+def _layer_runs(module, params, plan, synapse, fire):
+  """Per layer, `(x, state, n) -> (output, state, spikes per image)`: the layer run for n time
+  steps, where x is its input spikes (n, B, ...) (for `begin`, its constant pred (B, ...)) and
+  output its (pooled) spikes (n, B, ...).
 
-  Sparse models run each conv layer as one fused call (`spike_conv.layer_step`, or
-  `spike_conv.neuron_step` for `begin`).
+  Sparse models run each conv layer as one fused call (`spike_conv.layer`, or
+  `spike_conv.neuron` for `begin`).
   """
+  def dense(spec, x, state, n):
+    if spec.name == "begin":
+      spikes, state = _neuron_over_time(fire, state, const=x, length=n)
+    else:
+      flat = x.reshape((-1,) + x.shape[2:])                  # (n*B, H, W, C)
+      pred = synapse(spec.name, flat)                        # one conv for n steps
+      pred = pred.reshape(x.shape[:2] + pred.shape[1:])      # (n, B, ...)
+      spikes, state = _neuron_over_time(fire, state, pred)
+    out = models.maxpool(spikes) if spec.pool else spikes
+    return out, state, _per_image_sum(spikes, 1)             # (B,)
+
+  def fused(spec, x, state, n):
+    if spec.name == "begin":
+      return spike_conv.neuron(x, state, n, spec.pool, module.surrogate)
+    layer, dtype = params[spec.name], module.state_dtype
+    return spike_conv.layer(x, layer["kernel"].astype(dtype), layer["bias"].astype(dtype), state,
+                            spec.pool, module.surrogate)
+
+  return tuple(functools.partial(fused if _fused(module, spec) else dense, spec) for spec in plan)
+
+
+def _layer_steps(module, params, plan, synapse, fire):
+  """Per layer, one time step `(x, state) -> (output, state, spikes per image)` for `scan`."""
   def dense(spec, x, state):
     spike, state = fire(state, x if spec.name == "begin" else synapse(spec.name, x))
     return (models.maxpool(spike) if spec.pool else spike), state, _per_image_sum(spike, 0)
 
-  def fused(spec, x, state):
-    if spec.name == "begin":
-      return spike_conv.neuron_step(x, state, spec.pool, module.surrogate)
-    layer, dtype = params[spec.name], module.state_dtype
-    return spike_conv.layer_step(x, layer["kernel"].astype(dtype), layer["bias"].astype(dtype),
-                                 state, spec.pool, module.surrogate)
+  def fused(run, spec, x, state):
+    out, state, count = run(x if spec.name == "begin" else x[None], state, 1)
+    return out[0], state, count
 
-  fuse = lambda spec: module.sparse and spec.name != "mlp1"
-  return tuple(functools.partial(fused if fuse(spec) else dense, spec) for spec in plan)
+  runs = _layer_runs(module, params, plan, synapse, fire)
+  return tuple(functools.partial(fused, run, spec) if _fused(module, spec)
+               else functools.partial(dense, spec) for run, spec in zip(runs, plan))
+
+
+def _fused(module, spec) -> bool:
+  """Whether a layer runs as one `spike_conv` call: every layer of a sparse model but mlp1."""
+  return module.sparse and spec.name != "mlp1"
 
 
 def _scan(layer_steps, pred0, states, steps, remat):
@@ -172,29 +200,22 @@ def _neuron_over_time(fire, state, preds=None, const=None, length=None):
   return spikes, state  # (T, ...) spikes, final state
 
 
-def _parallel_chunk(plan, synapse, fire, pred0, states, n):
+def _parallel_chunk(layer_runs, pred0, states, n):
   """Advances all layers by n steps, one layer at a time."""
-  x, new_states, fired = None, [], []
-  for i, spec in enumerate(plan):
-    if i == 0:
-      spikes, state = _neuron_over_time(fire, states[0], const=pred0, length=n)
-    else:
-      flat = x.reshape((-1,) + x.shape[2:])                  # (n*B, H, W, C)
-      pred = synapse(spec.name, flat)                        # one conv for n steps
-      pred = pred.reshape(x.shape[:2] + pred.shape[1:])      # (n, B, ...)
-      spikes, state = _neuron_over_time(fire, states[i], pred)
+  x, new_states, fired = pred0, [], []
+  for run, state in zip(layer_runs, states):
+    x, state, count = run(x, state, n)
     new_states.append(state)
-    fired.append(_per_image_sum(spikes, 1))                  # (B,)
-    x = models.maxpool(spikes) if spec.pool else spikes
+    fired.append(count)                                      # (B,)
   return tuple(new_states), x, jnp.stack(fired, -1)          # states, (n, B, K), (B, 6)
 
 
-def _parallel(plan, synapse, fire, pred0, states, steps, chunk, remat):
+def _parallel(layer_runs, pred0, states, steps, chunk, remat):
   chunk = min(chunk, steps)
-  run_chunk = functools.partial(_parallel_chunk, plan, synapse, fire, pred0)
+  run_chunk = functools.partial(_parallel_chunk, layer_runs, pred0)
   if remat == "chunk":
     run_chunk = jax.checkpoint(run_chunk, static_argnums=(1,))
-  outs, fired = [], jnp.zeros((pred0.shape[0], len(plan)), pred0.dtype)
+  outs, fired = [], jnp.zeros((pred0.shape[0], len(layer_runs)), pred0.dtype)
   n_chunks, rest = divmod(steps, chunk)
   if n_chunks == 1:
     states, out, f = run_chunk(states, chunk)

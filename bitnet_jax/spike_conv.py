@@ -150,50 +150,66 @@ def _conv_bwd(residual, g):
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _layer_dense(x, kernel, bias, state, pool, surrogate):
-  """What `layer_step` computes, with the dense convolution (its backward differentiates this)."""
+def _over_time(pred_at, state, steps, pool, surrogate):
+  """bddi for `steps` steps of pred_at(k) in jnp: (spikes (T, N, ...), state, count (N,))."""
   from bitnet_jax import models, neuron  # pylint: disable=import-outside-toplevel
-  spike, new_state = neuron.bddi(state, _dense(x, kernel) + bias, surrogate)
-  count = spike.reshape(spike.shape[0], -1).sum(1)
-  return (models.maxpool(spike) if pool else spike), new_state, count
+  def step(s, k):
+    spike, s = neuron.bddi(s, pred_at(k), surrogate)
+    return s, spike
+  state, spikes = jax.lax.scan(step, state, jnp.arange(steps))
+  count = jnp.moveaxis(spikes, 1, 0).reshape(state.shape[0], -1).sum(1)
+  return (models.maxpool(spikes) if pool else spikes), state, count
+
+
+def _layer_dense(x, kernel, bias, state, pool, surrogate):
+  """What `layer` computes, with the dense convolution (its backward differentiates this)."""
+  pred = _dense(x.reshape((-1,) + x.shape[2:]), kernel) + bias
+  pred = pred.reshape(x.shape[:2] + pred.shape[1:])  # (T, N, H, W, Co)
+  return _over_time(lambda k: pred[k], state, x.shape[0], pool, surrogate)
+
+
+def _outputs(steps, state, pool):
+  n, h, w, c = state.shape
+  if pool and (h % 2 or w % 2):
+    raise ValueError(f"spike_conv: pooling needs an even height and width, got {h}x{w}")
+  spikes = (steps, n, h // 2, w // 2, c) if pool else (steps, n, h, w, c)
+  return (jax.ShapeDtypeStruct(spikes, state.dtype), jax.ShapeDtypeStruct(state.shape, state.dtype),
+          jax.ShapeDtypeStruct((n,), state.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def layer_step(x, kernel, bias, state, pool: bool, surrogate: str):
-  """One time step of a spiking 3x3 conv layer on 0/1 input spikes, skipping the zeros.
+def layer(x, kernel, bias, state, pool: bool, surrogate: str):
+  """A spiking 3x3 conv layer over the time steps of its 0/1 input spikes, skipping the zeros.
 
   Args:
-    x: (N, H, W, Ci) input spikes (0/1), float32 or float64.
-    kernel: (3, 3, Ci, Co) HWIO kernel; bias: (Co,); state: (N, H, W, Co) membranes; all of
-      x's dtype.
+    x: (T, N, H, W, Ci) input spikes (0/1), float32 or float64.
+    kernel: (3, 3, Ci, Co) HWIO kernel; bias: (Co,); state: (N, H, W, Co) membranes before the
+      first step; all of x's dtype.
     pool: apply the 2x2 max pool to the output spikes.
     surrogate: the bddi surrogate (only the backward uses it).
 
   Returns:
-    (spikes, new_state, count): (N, H/2, W/2, Co) or (N, H, W, Co) spikes, (N, H, W, Co)
-    membranes after the step, (N,) spikes per image before pooling.
+    (spikes, state, count): (T, N, H/2, W/2, Co) or (T, N, H, W, Co) spikes, the (N, H, W, Co)
+    membranes after the last step, (N,) spikes per image over the T steps, before pooling.
   """
   del surrogate  # the forward does not depend on it
-  _check("layer_step", x, kernel, bias, state)
-  n, h, w, co = state.shape
-  if state.shape[:3] != x.shape[:3] or bias.shape != (co,) or kernel.shape[3] != co:
-    raise ValueError(f"spike_conv.layer_step: expected a ({co},) bias and an (N, H, W, Co) "
+  if x.ndim != 5:
+    raise ValueError(f"spike_conv.layer: expected (T, N, H, W, Ci) spikes, got {x.shape}")
+  _check("layer", x[0], kernel, bias, state)
+  co = kernel.shape[3]
+  if state.shape != x.shape[1:4] + (co,) or bias.shape != (co,):
+    raise ValueError(f"spike_conv.layer: expected a ({co},) bias and an {x.shape[1:4] + (co,)} "
                      f"state for spikes {x.shape} and kernel {kernel.shape}, got {bias.shape} "
                      f"and {state.shape}")
-  if w > 64 or (pool and (h % 2 or w % 2)):
-    raise ValueError(f"spike_conv.layer_step: needs a width of at most 64, and an even height "
-                     f"and width to pool; got {h}x{w}, pool={pool}")
-  spikes = (n, h // 2, w // 2, co) if pool else (n, h, w, co)
-  out = (jax.ShapeDtypeStruct(spikes, x.dtype), jax.ShapeDtypeStruct(state.shape, x.dtype),
-         jax.ShapeDtypeStruct((n,), x.dtype))
-  return tuple(jax.ffi.ffi_call(f"bitnet_spike_layer_{_SUFFIX[np.dtype(x.dtype)]}", out,
-                                vmap_method="sequential", input_output_aliases={3: 1})(
-                                    x, kernel, bias, state, pool=pool))
+  call = jax.ffi.ffi_call(f"bitnet_spike_layer_{_SUFFIX[np.dtype(x.dtype)]}",
+                          _outputs(x.shape[0], state, pool), vmap_method="sequential",
+                          input_output_aliases={3: 1})
+  return tuple(call(x, kernel, bias, state, pool=pool))
 
 
 def _layer_fwd(x, kernel, bias, state, pool, surrogate):
-  return layer_step(x, kernel, bias, state, pool, surrogate), (x.astype(jnp.bool_), kernel,
-                                                                bias, state)
+  out = layer(x, kernel, bias, state, pool, surrogate)
+  return out, (x.astype(jnp.bool_), kernel, bias, state)
 
 
 def _layer_bwd(pool, surrogate, residual, g):
@@ -203,55 +219,44 @@ def _layer_bwd(pool, surrogate, residual, g):
   return vjp(g)
 
 
-layer_step.defvjp(_layer_fwd, _layer_bwd)
+layer.defvjp(_layer_fwd, _layer_bwd)
 
 
-def _neuron_dense(pred, state, pool, surrogate):
-  """What `neuron_step` computes, in jnp (its backward differentiates this)."""
-  from bitnet_jax import models, neuron  # pylint: disable=import-outside-toplevel
-  spike, new_state = neuron.bddi(state, pred, surrogate)
-  count = spike.reshape(spike.shape[0], -1).sum(1)
-  return (models.maxpool(spike) if pool else spike), new_state, count
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def neuron_step(pred, state, pool: bool, surrogate: str):
-  """One bddi step of a layer whose pred is given, with its pool and spike count.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def neuron(pred, state, steps: int, pool: bool, surrogate: str):
+  """`steps` bddi steps of a layer whose pred is constant (the first layer).
 
   Args:
     pred: (N, H, W, C) synaptic input (before the clip), float32 or float64.
     state: (N, H, W, C) membranes, pred's dtype.
-    pool, surrogate: as in `layer_step`.
+    steps, pool, surrogate: time steps T; as in `layer`.
 
   Returns:
-    (spikes, new_state, count) as in `layer_step`.
+    (spikes, state, count) as in `layer`.
   """
   del surrogate  # the forward does not depend on it
   if pred.ndim != 4 or pred.shape != state.shape or pred.dtype != state.dtype or (
       np.dtype(pred.dtype) not in _SUFFIX):
-    raise ValueError(f"spike_conv.neuron_step: expected (N, H, W, C) pred and state of one "
-                     f"dtype, float32 or float64, got {pred.shape} {pred.dtype} and "
-                     f"{state.shape} {state.dtype}")
+    raise ValueError(f"spike_conv.neuron: expected (N, H, W, C) pred and state of one dtype, "
+                     f"float32 or float64, got {pred.shape} {pred.dtype} and {state.shape} "
+                     f"{state.dtype}")
+  if not (isinstance(steps, int) and steps >= 1):
+    raise ValueError(f"spike_conv.neuron: steps must be an int >= 1, got {steps!r}")
   check_available()
-  n, h, w, c = pred.shape
-  if w > 64 or (pool and (h % 2 or w % 2)):
-    raise ValueError(f"spike_conv.neuron_step: needs a width of at most 64, and an even height "
-                     f"and width to pool; got {h}x{w}, pool={pool}")
-  spikes = (n, h // 2, w // 2, c) if pool else (n, h, w, c)
-  out = (jax.ShapeDtypeStruct(spikes, pred.dtype), jax.ShapeDtypeStruct(state.shape, pred.dtype),
-         jax.ShapeDtypeStruct((n,), pred.dtype))
-  return tuple(jax.ffi.ffi_call(f"bitnet_spike_neuron_{_SUFFIX[np.dtype(pred.dtype)]}", out,
-                                vmap_method="sequential", input_output_aliases={1: 1})(
-                                    pred, state, pool=pool))
+  call = jax.ffi.ffi_call(f"bitnet_spike_neuron_{_SUFFIX[np.dtype(pred.dtype)]}",
+                          _outputs(steps, state, pool), vmap_method="sequential",
+                          input_output_aliases={1: 1})
+  return tuple(call(pred, state, pool=pool, steps=np.int64(steps)))
 
 
-def _neuron_fwd(pred, state, pool, surrogate):
-  return neuron_step(pred, state, pool, surrogate), (pred, state)
+def _neuron_fwd(pred, state, steps, pool, surrogate):
+  return neuron(pred, state, steps, pool, surrogate), (pred, state)
 
 
-def _neuron_bwd(pool, surrogate, residual, g):
-  _, vjp = jax.vjp(lambda *args: _neuron_dense(*args, pool, surrogate), *residual)
+def _neuron_bwd(steps, pool, surrogate, residual, g):
+  f = lambda pred, state: _over_time(lambda k: pred, state, steps, pool, surrogate)
+  _, vjp = jax.vjp(f, *residual)
   return vjp(g)
 
 
-neuron_step.defvjp(_neuron_fwd, _neuron_bwd)
+neuron.defvjp(_neuron_fwd, _neuron_bwd)

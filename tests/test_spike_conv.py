@@ -120,7 +120,8 @@ def _loss_and_grad(module, params, images, engine, remat):
   return jax.value_and_grad(loss, has_aux=True)(params)
 
 
-@pytest.mark.parametrize("engine,remat", [("scan", "step"), ("parallel", "stream")])
+@pytest.mark.parametrize("engine,remat", [("scan", "step"), ("parallel", "none"),
+                                          ("parallel", "stream")])
 def test_sparse_float32_agrees_with_dense(tiny_model, images, engine, remat):
   """float32: spikes and `ste` gradients as the dense synapses give (up to summation order)."""
   sparse = tiny_model.module.clone(sparse=True)

@@ -216,77 +216,84 @@ void SpikeConv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const T* ke
   });
 }
 
-// One time step of a spiking layer (docs/ORIGINAL.md), fused: pred = the synapse on the input
-// spikes x plus the bias (or, without a kernel, x itself: the first layer's constant pred), clip
-// to [0, 1], integrate into the membrane, fire at 1, reset by subtraction, then the 2x2 max pool
-// of the spikes (if `pool`) and the number of spikes per image (before pooling). A task takes
-// two rows of one image and one tile of channels, so it owns whole pooling windows; the tile is
-// the slowest index, so consecutive tasks share a tile's kernel slice in the cache.
+// `steps` time steps of a spiking layer (docs/ORIGINAL.md), fused: at every step, pred = the
+// synapse on that step's input spikes plus the bias (or, without a kernel, the constant pred x:
+// the first layer), clipped to [0, 1], integrated into the membrane, fire at 1, reset by
+// subtraction; then the 2x2 max pool of the spikes (if `pool`) and the number of spikes per image
+// (before pooling). A task takes one tile of channels of two rows of one image and keeps their
+// membranes in L1 across the steps, so the membranes are read and written once per call. It owns
+// whole pooling windows; the tile is the slowest task index, so consecutive tasks share a tile's
+// kernel slice in the cache.
+//   x: (steps, n, h, w, ci) spikes, or (n, h, w, co) pred without a kernel
+//   state, state_out: (n, h, w, co) (may alias)   spikes_out: (steps, n, h', w', co)
+//   counts_out: (n,)
 template <typename T>
-void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, bool do_pool, const T* x,
-                const T* kernel, const T* bias, const T* state, T* spikes_out, T* state_out,
-                T* counts_out) {
+void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, bool do_pool,
+                const T* x, const T* kernel, const T* bias, const T* state, T* spikes_out,
+                T* state_out, T* counts_out) {
+  using V = Vec<T>;
+  using VT = typename V::type;
+  constexpr int64_t L = V::kLanes, kTile = 4 * L;
   const uint16_t *lists = nullptr, *counts = nullptr;
-  if (kernel != nullptr) BuildLists(pool, g, x, &lists, &counts);
-  const int64_t tile = 4 * Vec<T>::kLanes, tiles = (g.co + tile - 1) / tile;
+  if (kernel != nullptr) {
+    Geometry all = g;
+    all.n = steps * g.n;  // lists of every step's images: image k * n + b
+    BuildLists(pool, all, x, &lists, &counts);
+  }
+  const int64_t tiles = (g.co + kTile - 1) / kTile;
   const int64_t pairs = (g.h + 1) / 2;  // row pairs per image (the last may be a single row)
+  const int64_t oh = do_pool ? g.h / 2 : g.h, ow = do_pool ? g.w / 2 : g.w;
   std::vector<T> partial(tiles * g.n * pairs);  // spikes per task, summed in order below
   ParallelFor(pool, tiles * g.n * pairs, [&](int64_t i) {
     const int64_t t = i / (g.n * pairs), b = (i / pairs) % g.n, r = i % pairs;
-    const int64_t c0 = t * tile, c1 = std::min(g.co, c0 + tile), width = c1 - c0;
-    T z[4 * Vec<T>::kLanes];
-    T fired[2 * 64 * 4 * Vec<T>::kLanes];  // the task's spikes before pooling (w <= 64)
-    using V = Vec<T>;
-    using VT = typename V::type;
-    constexpr int64_t L = V::kLanes;
+    const int64_t c0 = t * kTile, c1 = std::min(g.co, c0 + kTile), width = c1 - c0;
     const VT zero{}, one = zero + T(1);
     VT fired_lanes{};  // spike counts, exact in any order (integers)
-    T total = 0;
-    for (int64_t dy = 0; dy < 2 && 2 * r + dy < g.h; ++dy) {
-      const int64_t y = 2 * r + dy;
+    T total = 0, z[kTile], membrane[kTile];
+    auto out_row = [&](int64_t k, int64_t y, int64_t xpos) {
+      return spikes_out + (((k * g.n + b) * oh + y) * ow + xpos) * g.co + c0;
+    };
+    if (do_pool)  // the windows are max-accumulated below
+      for (int64_t k = 0; k < steps; ++k)
+        for (int64_t ox = 0; ox < ow; ++ox) std::memset(out_row(k, r, ox), 0, width * sizeof(T));
+    for (int64_t y = 2 * r; y < std::min(2 * r + 2, g.h); ++y) {
       for (int64_t xpos = 0; xpos < g.w; ++xpos) {
         const int64_t p = (b * g.h + y) * g.w + xpos;
-        if (kernel != nullptr) {
-          Accumulate(g, kernel, lists, counts, b, y, xpos, c0, c1, z);
-          for (int64_t c = 0; c < width; ++c) z[c] += bias[c0 + c];
-        } else {
-          std::memcpy(z, x + p * g.co + c0, width * sizeof(T));
+        std::memcpy(membrane, state + p * g.co + c0, width * sizeof(T));
+        for (int64_t k = 0; k < steps; ++k) {
+          if (kernel != nullptr) {
+            Accumulate(g, kernel, lists, counts, k * g.n + b, y, xpos, c0, c1, z);
+            for (int64_t c = 0; c < width; ++c) z[c] += bias[c0 + c];
+          } else if (k == 0) {
+            std::memcpy(z, x + p * g.co + c0, width * sizeof(T));
+          }
+          T* o = do_pool ? out_row(k, y / 2, xpos / 2) : out_row(k, y, xpos);
+          int64_t c = 0;
+          for (; c + L <= width; c += L) {  // the scalar loop below, a vector at a time
+            VT pred = V::Load(z + c);
+            pred = pred < zero ? zero : pred;
+            pred = one < pred ? one : pred;
+            VT v = V::Load(membrane + c) + pred;
+            VT fire = v >= one ? one : zero;
+            V::Store(membrane + c, v - fire);
+            fired_lanes += fire;
+            if (do_pool) fire = V::Load(o + c) < fire ? fire : V::Load(o + c);
+            V::Store(o + c, fire);
+          }
+          for (; c < width; ++c) {
+            T pred = std::min(std::max(z[c], T(0)), T(1));
+            T v = membrane[c] + pred;
+            T fire = v >= T(1) ? T(1) : T(0);
+            membrane[c] = v - fire;
+            total += fire;
+            o[c] = do_pool ? std::max(o[c], fire) : fire;
+          }
         }
-        const T* s_in = state + p * g.co + c0;  // may alias s_out (updated in place)
-        T* s_out = state_out + p * g.co + c0;
-        T* spike = do_pool ? fired + (dy * g.w + xpos) * width : spikes_out + p * g.co + c0;
-        int64_t c = 0;
-        for (; c + L <= width; c += L) {  // the scalar loop below, a vector at a time
-          VT pred = V::Load(z + c);
-          pred = pred < zero ? zero : pred;
-          pred = one < pred ? one : pred;
-          VT v = V::Load(s_in + c) + pred;
-          VT fire = v >= one ? one : zero;
-          V::Store(s_out + c, v - fire);
-          V::Store(spike + c, fire);
-          fired_lanes += fire;
-        }
-        for (; c < width; ++c) {
-          T pred = std::min(std::max(z[c], T(0)), T(1));
-          T v = s_in[c] + pred;
-          T fire = v >= T(1) ? T(1) : T(0);
-          s_out[c] = v - fire;
-          spike[c] = fire;
-          total += fire;
-        }
+        std::memcpy(state_out + p * g.co + c0, membrane, width * sizeof(T));
       }
     }
     for (int64_t l = 0; l < L; ++l) total += fired_lanes[l];
     partial[i] = total;
-    if (!do_pool) return;
-    const int64_t ow = g.w / 2;
-    for (int64_t ox = 0; ox < ow; ++ox) {
-      T* o = spikes_out + ((b * (g.h / 2) + r) * ow + ox) * g.co + c0;
-      const T* a = fired + 2 * ox * width;
-      const T* d = fired + (g.w + 2 * ox) * width;
-      for (int64_t c = 0; c < width; ++c)
-        o[c] = std::max(std::max(a[c], a[width + c]), std::max(d[c], d[width + c]));
-    }
   });
   for (int64_t b = 0; b < g.n; ++b) {
     T sum = 0;
@@ -320,38 +327,38 @@ ffi::Error SpikeLayerHandler(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer
                              ffi::ResultBuffer<D> spikes, ffi::ResultBuffer<D> state_out,
                              ffi::ResultBuffer<D> counts) {
   auto xd = x.dimensions(), kd = kernel.dimensions(), sd = state.dimensions();
-  if (xd.size() != 4 || kd.size() != 4 || sd.size() != 4 || bias.dimensions().size() != 1)
-    return ffi::Error::InvalidArgument("spike_layer: expected (N, H, W, Ci) spikes, a (3, 3, "
+  if (xd.size() != 5 || kd.size() != 4 || sd.size() != 4 || bias.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument("spike_layer: expected (T, N, H, W, Ci) spikes, a (3, 3, "
                                        "Ci, Co) kernel, a (Co,) bias and an (N, H, W, Co) state");
-  Geometry g{xd[0], xd[1], xd[2], xd[3], kd[3]};
+  Geometry g{xd[1], xd[2], xd[3], xd[4], kd[3]};
   if (kd[0] != 3 || kd[1] != 3 || kd[2] != g.ci || bias.dimensions()[0] != g.co ||
       sd[0] != g.n || sd[1] != g.h || sd[2] != g.w || sd[3] != g.co)
     return ffi::Error::InvalidArgument("spike_layer: shapes do not match");
-  if (g.ci > 65535 || g.w > 64 || (do_pool && (g.h % 2 || g.w % 2)))
-    return ffi::Error::InvalidArgument("spike_layer: at most 65535 input channels and a width "
-                                       "of 64; pooling needs an even height and width");
-  SpikeLayer(pool, g, do_pool, x.typed_data(), kernel.typed_data(), bias.typed_data(),
+  if (g.ci > 65535 || (do_pool && (g.h % 2 || g.w % 2)))
+    return ffi::Error::InvalidArgument("spike_layer: at most 65535 input channels; pooling "
+                                       "needs an even height and width");
+  SpikeLayer(pool, g, xd[0], do_pool, x.typed_data(), kernel.typed_data(), bias.typed_data(),
              state.typed_data(), spikes->typed_data(), state_out->typed_data(),
              counts->typed_data());
   return ffi::Error::Success();
 }
 
-// The neuron alone, on a given pred (the first layer, whose input never changes).
+// The neuron alone for `steps` steps of a constant pred (the first layer: its input is the image).
 template <ffi::DataType D>
 ffi::Error SpikeNeuronHandler(ffi::ThreadPool pool, ffi::Buffer<D> pred, ffi::Buffer<D> state,
-                              bool do_pool, ffi::ResultBuffer<D> spikes,
+                              bool do_pool, int64_t steps, ffi::ResultBuffer<D> spikes,
                               ffi::ResultBuffer<D> state_out, ffi::ResultBuffer<D> counts) {
   auto pd = pred.dimensions(), sd = state.dimensions();
   if (pd.size() != 4 || sd.size() != 4 || pd[0] != sd[0] || pd[1] != sd[1] || pd[2] != sd[2] ||
-      pd[3] != sd[3])
-    return ffi::Error::InvalidArgument("spike_neuron: expected (N, H, W, C) pred and state");
+      pd[3] != sd[3] || steps < 1)
+    return ffi::Error::InvalidArgument("spike_neuron: expected (N, H, W, C) pred and state, and "
+                                       "steps >= 1");
   Geometry g{pd[0], pd[1], pd[2], pd[3], pd[3]};
-  if (g.w > 64 || (do_pool && (g.h % 2 || g.w % 2)))
-    return ffi::Error::InvalidArgument("spike_neuron: at most a width of 64; pooling needs an "
-                                       "even height and width");
-  SpikeLayer<ffi::NativeType<D>>(pool, g, do_pool, pred.typed_data(), nullptr, nullptr,
-                                          state.typed_data(), spikes->typed_data(),
-                                          state_out->typed_data(), counts->typed_data());
+  if (do_pool && (g.h % 2 || g.w % 2))
+    return ffi::Error::InvalidArgument("spike_neuron: pooling needs an even height and width");
+  SpikeLayer<ffi::NativeType<D>>(pool, g, steps, do_pool, pred.typed_data(), nullptr, nullptr,
+                                 state.typed_data(), spikes->typed_data(),
+                                 state_out->typed_data(), counts->typed_data());
   return ffi::Error::Success();
 }
 
@@ -364,6 +371,7 @@ ffi::Error SpikeNeuronHandler(ffi::ThreadPool pool, ffi::Buffer<D> pred, ffi::Bu
                                     .Arg<ffi::Buffer<D>>()            \
                                     .Arg<ffi::Buffer<D>>()            \
                                     .Attr<bool>("pool")               \
+                                    .Attr<int64_t>("steps")           \
                                     .Ret<ffi::Buffer<D>>()            \
                                     .Ret<ffi::Buffer<D>>()            \
                                     .Ret<ffi::Buffer<D>>());
