@@ -63,6 +63,29 @@ def test_conv_gradient_is_the_dense_one():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("pool", [False, True])
+def test_layer_and_neuron_match_dense_over_many_steps(pool):
+  """`layer` / `neuron` over T = 19 steps (three blocks of the kernel's step loop), float64:
+  spikes and counts equal, membranes equal up to rounding, as the jnp computation gives."""
+  rng = np.random.default_rng(2)
+  with jax.enable_x64(True):
+    x = jnp.asarray(_spikes(rng, (19, 2, 6, 8, 5), 0.3), jnp.float64)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 5, 21)) * 0.5)
+    bias = jnp.asarray(rng.standard_normal(21) * 0.2)
+    state = jnp.asarray(rng.random((2, 6, 8, 21)))
+    pred = jnp.asarray(rng.standard_normal((2, 6, 8, 21)))
+    for got, want in [
+        (spike_conv.layer(x, kernel, bias, state, pool, "ste"),
+         spike_conv._layer_dense(x, kernel, bias, state, pool, "ste")),  # pylint: disable=protected-access
+        (spike_conv.neuron(pred, state, 19, pool, "ste"),
+         spike_conv._over_time(lambda k: pred, state, 19, pool, "ste"))]:  # pylint: disable=protected-access
+      assert got[0].shape == want[0].shape == ((19, 2, 3, 4, 21) if pool else (19, 2, 6, 8, 21))
+      assert 0 < float(want[0].mean()) < 1
+      np.testing.assert_array_equal(got[0], want[0])
+      np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-12)
+      np.testing.assert_array_equal(got[2], want[2])
+
+
 def test_conv_rejects_bad_input():
   x = np.zeros((1, 4, 4, 8), np.float32)
   with pytest.raises(ValueError, match=r"expected \(N, H, W, Ci\) spikes and a \(3, 3, Ci, Co\)"):
@@ -70,6 +93,17 @@ def test_conv_rejects_bad_input():
   with pytest.raises(ValueError, match="all inputs must be float32, or all float64, got float32, "
                                        "bfloat16"):
     spike_conv.conv(x, jnp.zeros((3, 3, 8, 8), jnp.bfloat16))
+  kernel, bias = np.zeros((3, 3, 8, 4), np.float32), np.zeros(4, np.float32)
+  state = np.zeros((1, 4, 4, 4), np.float32)
+  with pytest.raises(ValueError, match=r"expected \(T, N, H, W, Ci\) spikes, got \(1, 4, 4, 8\)"):
+    spike_conv.layer(x, kernel, bias, state, False, "ste")
+  with pytest.raises(ValueError, match=r"expected a \(4,\) bias and an \(1, 4, 4, 4\) state .* "
+                                       r"got \(4,\) and \(1, 4, 4, 5\)"):
+    spike_conv.layer(x[None], kernel, bias, np.zeros((1, 4, 4, 5), np.float32), False, "ste")
+  with pytest.raises(ValueError, match="pooling needs an even height and width, got 3x4"):
+    spike_conv.neuron(state[:, :3], state[:, :3], 2, True, "ste")
+  with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
+    spike_conv.neuron(state, state, 0, False, "ste")
 
 
 def test_unavailable_kernel_is_a_clear_error(monkeypatch):

@@ -220,13 +220,16 @@ void SpikeConv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const T* ke
 // synapse on that step's input spikes plus the bias (or, without a kernel, the constant pred x:
 // the first layer), clipped to [0, 1], integrated into the membrane, fire at 1, reset by
 // subtraction; then the 2x2 max pool of the spikes (if `pool`) and the number of spikes per image
-// (before pooling). A task takes one tile of channels of two rows of one image and keeps their
-// membranes in L1 across the steps, so the membranes are read and written once per call. It owns
-// whole pooling windows; the tile is the slowest task index, so consecutive tasks share a tile's
-// kernel slice in the cache.
+// (before pooling). The steps go in blocks of kStepBlock (the active-channel lists are built for
+// one block at a time, which bounds the scratch memory). A task takes one tile of channels of two
+// rows of one image and keeps their membranes in L1 across a block's steps, so the membranes are
+// read and written once per block. It owns whole pooling windows; the tile is the slowest task
+// index, so consecutive tasks share a tile's kernel slice in the cache.
 //   x: (steps, n, h, w, ci) spikes, or (n, h, w, co) pred without a kernel
 //   state, state_out: (n, h, w, co) (may alias)   spikes_out: (steps, n, h', w', co)
 //   counts_out: (n,)
+constexpr int64_t kStepBlock = 8;
+
 template <typename T>
 void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, bool do_pool,
                 const T* x, const T* kernel, const T* bias, const T* state, T* spikes_out,
@@ -234,67 +237,72 @@ void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, bool do
   using V = Vec<T>;
   using VT = typename V::type;
   constexpr int64_t L = V::kLanes, kTile = 4 * L;
-  const uint16_t *lists = nullptr, *counts = nullptr;
-  if (kernel != nullptr) {
-    Geometry all = g;
-    all.n = steps * g.n;  // lists of every step's images: image k * n + b
-    BuildLists(pool, all, x, &lists, &counts);
-  }
   const int64_t tiles = (g.co + kTile - 1) / kTile;
   const int64_t pairs = (g.h + 1) / 2;  // row pairs per image (the last may be a single row)
   const int64_t oh = do_pool ? g.h / 2 : g.h, ow = do_pool ? g.w / 2 : g.w;
-  std::vector<T> partial(tiles * g.n * pairs);  // spikes per task, summed in order below
-  ParallelFor(pool, tiles * g.n * pairs, [&](int64_t i) {
-    const int64_t t = i / (g.n * pairs), b = (i / pairs) % g.n, r = i % pairs;
-    const int64_t c0 = t * kTile, c1 = std::min(g.co, c0 + kTile), width = c1 - c0;
-    const VT zero{}, one = zero + T(1);
-    VT fired_lanes{};  // spike counts, exact in any order (integers)
-    T total = 0, z[kTile], membrane[kTile];
-    auto out_row = [&](int64_t k, int64_t y, int64_t xpos) {
-      return spikes_out + (((k * g.n + b) * oh + y) * ow + xpos) * g.co + c0;
-    };
-    if (do_pool)  // the windows are max-accumulated below
-      for (int64_t k = 0; k < steps; ++k)
-        for (int64_t ox = 0; ox < ow; ++ox) std::memset(out_row(k, r, ox), 0, width * sizeof(T));
-    for (int64_t y = 2 * r; y < std::min(2 * r + 2, g.h); ++y) {
-      for (int64_t xpos = 0; xpos < g.w; ++xpos) {
-        const int64_t p = (b * g.h + y) * g.w + xpos;
-        std::memcpy(membrane, state + p * g.co + c0, width * sizeof(T));
-        for (int64_t k = 0; k < steps; ++k) {
-          if (kernel != nullptr) {
-            Accumulate(g, kernel, lists, counts, k * g.n + b, y, xpos, c0, c1, z);
-            for (int64_t c = 0; c < width; ++c) z[c] += bias[c0 + c];
-          } else if (k == 0) {
-            std::memcpy(z, x + p * g.co + c0, width * sizeof(T));
-          }
-          T* o = do_pool ? out_row(k, y / 2, xpos / 2) : out_row(k, y, xpos);
-          int64_t c = 0;
-          for (; c + L <= width; c += L) {  // the scalar loop below, a vector at a time
-            VT pred = V::Load(z + c);
-            pred = pred < zero ? zero : pred;
-            pred = one < pred ? one : pred;
-            VT v = V::Load(membrane + c) + pred;
-            VT fire = v >= one ? one : zero;
-            V::Store(membrane + c, v - fire);
-            fired_lanes += fire;
-            if (do_pool) fire = V::Load(o + c) < fire ? fire : V::Load(o + c);
-            V::Store(o + c, fire);
-          }
-          for (; c < width; ++c) {
-            T pred = std::min(std::max(z[c], T(0)), T(1));
-            T v = membrane[c] + pred;
-            T fire = v >= T(1) ? T(1) : T(0);
-            membrane[c] = v - fire;
-            total += fire;
-            o[c] = do_pool ? std::max(o[c], fire) : fire;
-          }
-        }
-        std::memcpy(state_out + p * g.co + c0, membrane, width * sizeof(T));
-      }
+  std::vector<T> partial(tiles * g.n * pairs, T(0));  // spikes per task, summed in order below
+  for (int64_t k0 = 0; k0 < steps; k0 += kStepBlock) {
+    const int64_t k1 = std::min(steps, k0 + kStepBlock);
+    const uint16_t *lists = nullptr, *counts = nullptr;
+    if (kernel != nullptr) {  // the block's images: image (k - k0) * n + b
+      Geometry block = g;
+      block.n = (k1 - k0) * g.n;
+      BuildLists(pool, block, x + k0 * g.n * g.h * g.w * g.ci, &lists, &counts);
     }
-    for (int64_t l = 0; l < L; ++l) total += fired_lanes[l];
-    partial[i] = total;
-  });
+    const T* membranes = k0 == 0 ? state : state_out;
+    ParallelFor(pool, tiles * g.n * pairs, [&](int64_t i) {
+      const int64_t t = i / (g.n * pairs), b = (i / pairs) % g.n, r = i % pairs;
+      const int64_t c0 = t * kTile, c1 = std::min(g.co, c0 + kTile), width = c1 - c0;
+      const VT zero{}, one = zero + T(1);
+      VT fired_lanes{};  // spike counts, exact in any order (integers)
+      T total = 0, z[kTile], membrane[kTile];
+      auto out_row = [&](int64_t k, int64_t y, int64_t xpos) {
+        return spikes_out + (((k * g.n + b) * oh + y) * ow + xpos) * g.co + c0;
+      };
+      if (do_pool)  // the windows are max-accumulated below
+        for (int64_t k = k0; k < k1; ++k)
+          for (int64_t ox = 0; ox < ow; ++ox)
+            std::memset(out_row(k, r, ox), 0, width * sizeof(T));
+      for (int64_t y = 2 * r; y < std::min(2 * r + 2, g.h); ++y) {
+        for (int64_t xpos = 0; xpos < g.w; ++xpos) {
+          const int64_t p = (b * g.h + y) * g.w + xpos;
+          std::memcpy(membrane, membranes + p * g.co + c0, width * sizeof(T));
+          for (int64_t k = k0; k < k1; ++k) {
+            if (kernel != nullptr) {
+              Accumulate(g, kernel, lists, counts, (k - k0) * g.n + b, y, xpos, c0, c1, z);
+              for (int64_t c = 0; c < width; ++c) z[c] += bias[c0 + c];
+            } else if (k == k0) {
+              std::memcpy(z, x + p * g.co + c0, width * sizeof(T));
+            }
+            T* o = do_pool ? out_row(k, y / 2, xpos / 2) : out_row(k, y, xpos);
+            int64_t c = 0;
+            for (; c + L <= width; c += L) {  // the scalar loop below, a vector at a time
+              VT pred = V::Load(z + c);
+              pred = pred < zero ? zero : pred;
+              pred = one < pred ? one : pred;
+              VT v = V::Load(membrane + c) + pred;
+              VT fire = v >= one ? one : zero;
+              V::Store(membrane + c, v - fire);
+              fired_lanes += fire;
+              if (do_pool) fire = V::Load(o + c) < fire ? fire : V::Load(o + c);
+              V::Store(o + c, fire);
+            }
+            for (; c < width; ++c) {
+              T pred = std::min(std::max(z[c], T(0)), T(1));
+              T v = membrane[c] + pred;
+              T fire = v >= T(1) ? T(1) : T(0);
+              membrane[c] = v - fire;
+              total += fire;
+              o[c] = do_pool ? std::max(o[c], fire) : fire;
+            }
+          }
+          std::memcpy(state_out + p * g.co + c0, membrane, width * sizeof(T));
+        }
+      }
+      for (int64_t l = 0; l < L; ++l) total += fired_lanes[l];
+      partial[i] += total;
+    });
+  }
   for (int64_t b = 0; b < g.n; ++b) {
     T sum = 0;
     for (int64_t t = 0; t < tiles; ++t)
