@@ -13,10 +13,14 @@ over min(50, eval T) steps) until the layer's share of zero outputs matches the 
 CIFAR-10 BITnet6 (90.35, 92.38, 96.48, 94.11, 98.56, 90.78 % zeros for layers 1..6). The
 sparsity measured in the timed evaluation (all images, eval T) is printed under the table.
 
-Command (from the repository root; about 20 minutes on 2 busy CPU cores):
+Command (from the repository root; about 12 minutes on 2 idle CPU cores):
 
-    python -m benchmarks.compare                 # fs=1, batch 32: train T=10, 50; eval T=200
-    python -m benchmarks.compare --smoke         # tiny sizes, about a minute: the script runs
+    python -m benchmarks.compare --default_config  # fs=1, batch 32: train T=10, 50; eval T=200
+    python -m benchmarks.compare --smoke           # tiny sizes, about a minute: the script runs
+
+JAX rows come in two synapse kinds (`--synapses dense,sparse`): XLA's convolutions, and the
+zero-skipping CPU kernel of `bitnet_jax/spike_conv.py` (float32 only; evaluated with
+`--sparse_eval_engine`, default `parallel`).
 
 Timings are the median of --iters timed iterations after one warm-up (JAX: after compiling);
 the PyTorch script reports the mean of its --torch_iters iterations after one warm-up.

@@ -168,3 +168,13 @@ def test_sparse_float32_agrees_with_dense(tiny_model, images, engine, remat):
   for g, ref in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(g_base)):
     assert float(jnp.abs(g).max()) > 0
     np.testing.assert_allclose(g, ref, rtol=0, atol=3e-4 * float(jnp.abs(ref).max()))
+
+
+def test_training_with_sparse_synapses(tmp_path):
+  """`synapses="sparse"` end to end: the trainer builds a sparse model, trains and evaluates."""
+  from test_train import tiny_config  # pylint: disable=import-outside-toplevel
+  config = tiny_config(synapses="sparse", num_epochs=1, chunk=1)
+  assert trainer.make_module(config, trainer.datasets.get_dataset_info(config)).sparse
+  result = trainer.train_and_evaluate(config, str(tmp_path))
+  assert result["n"] == 20 and 0 <= result["top1"] <= 1
+  assert np.isfinite(result["loss"])
