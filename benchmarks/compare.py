@@ -301,6 +301,9 @@ def main(argv=None):
                  help="JAX evaluation engine (on CPU `scan` is ~10%% faster than `parallel`)")
   p.add_argument("--sparse_eval_engine", default="parallel",
                  help="JAX evaluation engine with sparse synapses (parallel: ~5%% faster here)")
+  p.add_argument("--sparse_eval_chunk", type=int, default=8,
+                 help="JAX evaluation with sparse synapses, parallel engine: steps per chunk "
+                      "(the kernel runs steps in blocks of 8)")
   p.add_argument("--eval_chunk", type=int, default=10,
                  help="JAX evaluation, parallel engine: steps per chunk")
   p.add_argument("--dtypes", default="float32", help="JAX compute dtypes, comma separated")
@@ -336,6 +339,7 @@ def main(argv=None):
   if args.smoke or os.environ.get("BITNET_BENCH_SMOKE"):
     args.fs, args.batch, args.train_steps, args.eval_steps = 0.125, 4, "2,4", 8
     args.compile_steps, args.iters, args.torch_iters, args.eval_chunk = 2, 1, 1, 4
+    args.sparse_eval_chunk = 4
     args.train_chunk = min(args.train_chunk, 2)  # T=4 then runs two chunks
   train_steps = [int(t) for t in args.train_steps.split(",") if t]
   # (dtype, synapses) of the JAX rows: sparse synapses compute in float32 only.
@@ -369,9 +373,10 @@ def main(argv=None):
       if args.torch == "on":
         add(_torch("train", args, files, steps, args.torch_iters))
     for dtype, synapses in variants:
-      engine = args.sparse_eval_engine if synapses == "sparse" else args.eval_engine
-      add(_jax("eval", args, files, args.eval_steps, engine, "none", args.eval_chunk, dtype,
-               args.iters, synapses))
+      engine, chunk = ((args.sparse_eval_engine, args.sparse_eval_chunk) if synapses == "sparse"
+                       else (args.eval_engine, args.eval_chunk))
+      add(_jax("eval", args, files, args.eval_steps, engine, "none", chunk, dtype, args.iters,
+               synapses))
     short = _jax("eval", args, files, args.compile_steps, args.eval_engine, "none",
                  min(args.eval_chunk, args.compile_steps), "float32", 1)
     if args.torch == "on":
