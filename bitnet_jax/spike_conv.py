@@ -3,10 +3,13 @@
 - `conv(spikes, kernel)` equals the 3x3 'SAME' convolution of `models._linear` (up to summation
   order): per output position it adds only the kernel rows of the active inputs around it, so
   its cost scales with the number of spikes instead of the number of inputs.
-- `layer_step(spikes, kernel, bias, state, pool=..., surrogate=...)` is one time step of a
-  spiking conv layer in one call: that synapse, the bias, the bddi neuron (`neuron.bddi`), the
-  2x2 max pool and the per-image spike count, so that the membrane is read and written once per
-  step and no float32 pre-activation is stored (the `scan` engine uses it for sparse models).
+- `layer(spikes, kernel, bias, state, pool, surrogate)` runs a spiking conv layer over the T
+  time steps of its input spikes (T, N, H, W, Ci) in one call: at each step that synapse, the
+  bias and the bddi neuron (`neuron.bddi`), then the 2x2 max pool and the per-image spike count.
+  The membranes stay in the L1 cache across steps and no float32 pre-activation is stored. Both
+  engines run sparse models through it (`scan` with T = 1, `parallel` once per chunk);
+- `neuron(pred, state, steps, pool, surrogate)`: the same without the synapse, for a constant
+  pred (the first layer, whose input is the image).
 
 Both differentiate as the dense computations do (`jax.custom_vjp`: the backward recomputes
 them densely), so a model that uses them still trains.
@@ -169,12 +172,12 @@ def _layer_dense(x, kernel, bias, state, pool, surrogate):
 
 
 def _outputs(steps, state, pool):
+  """Shapes of a layer call's (spikes, state, count) for its (N, H, W, C) state."""
   n, h, w, c = state.shape
   if pool and (h % 2 or w % 2):
     raise ValueError(f"spike_conv: pooling needs an even height and width, got {h}x{w}")
   spikes = (steps, n, h // 2, w // 2, c) if pool else (steps, n, h, w, c)
-  return (jax.ShapeDtypeStruct(spikes, state.dtype), jax.ShapeDtypeStruct(state.shape, state.dtype),
-          jax.ShapeDtypeStruct((n,), state.dtype))
+  return tuple(jax.ShapeDtypeStruct(shape, state.dtype) for shape in (spikes, state.shape, (n,)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -195,7 +198,7 @@ def layer(x, kernel, bias, state, pool: bool, surrogate: str):
   del surrogate  # the forward does not depend on it
   if x.ndim != 5:
     raise ValueError(f"spike_conv.layer: expected (T, N, H, W, Ci) spikes, got {x.shape}")
-  _check("layer", x[0], kernel, bias, state)
+  _check("layer", jax.ShapeDtypeStruct(x.shape[1:], x.dtype), kernel, bias, state)
   co = kernel.shape[3]
   if state.shape != x.shape[1:4] + (co,) or bias.shape != (co,):
     raise ValueError(f"spike_conv.layer: expected a ({co},) bias and an {x.shape[1:4] + (co,)} "

@@ -20,6 +20,10 @@ _OK, _WHY = spike_conv.available()
 pytestmark = pytest.mark.skipif(not _OK, reason=f"spike_conv kernel unavailable: {_WHY}")
 
 STEPS = 6
+# The jnp computations the kernels replace (and differentiate through).
+_dense = spike_conv._dense  # pylint: disable=protected-access
+_layer_dense = spike_conv._layer_dense  # pylint: disable=protected-access
+_over_time = spike_conv._over_time  # pylint: disable=protected-access
 
 
 def _config(**overrides):
@@ -42,13 +46,12 @@ def test_conv_matches_dense_conv(shape, density):
   x = _spikes(rng, (n, h, w, ci), density)
   kernel = rng.standard_normal((3, 3, ci, co)).astype(np.float32)
   got = jax.jit(spike_conv.conv)(x, kernel)
-  want = spike_conv._dense(x, kernel)  # pylint: disable=protected-access
+  want = _dense(x, kernel)
   assert got.shape == want.shape and got.dtype == jnp.float32
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * 9 * ci)
   with jax.enable_x64(True):
     x64, k64 = jnp.asarray(x, jnp.float64), jnp.asarray(kernel, jnp.float64)
-    np.testing.assert_allclose(spike_conv.conv(x64, k64), spike_conv._dense(x64, k64),  # pylint: disable=protected-access
-                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(spike_conv.conv(x64, k64), _dense(x64, k64), rtol=0, atol=1e-12)
 
 
 def test_conv_gradient_is_the_dense_one():
@@ -58,7 +61,7 @@ def test_conv_gradient_is_the_dense_one():
   probe = rng.standard_normal((2, 6, 6, 24)).astype(np.float32)
   loss = lambda f: lambda x, k: jnp.sum(f(x, k) * probe)
   got = jax.grad(loss(spike_conv.conv), argnums=(0, 1))(x, kernel)
-  want = jax.grad(loss(spike_conv._dense), argnums=(0, 1))(x, kernel)  # pylint: disable=protected-access
+  want = jax.grad(loss(_dense), argnums=(0, 1))(x, kernel)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
 
@@ -76,9 +79,9 @@ def test_layer_and_neuron_match_dense_over_many_steps(pool):
     pred = jnp.asarray(rng.standard_normal((2, 6, 8, 21)))
     for got, want in [
         (spike_conv.layer(x, kernel, bias, state, pool, "ste"),
-         spike_conv._layer_dense(x, kernel, bias, state, pool, "ste")),  # pylint: disable=protected-access
+         _layer_dense(x, kernel, bias, state, pool, "ste")),
         (spike_conv.neuron(pred, state, 19, pool, "ste"),
-         spike_conv._over_time(lambda k: pred, state, 19, pool, "ste"))]:  # pylint: disable=protected-access
+         _over_time(lambda k: pred, state, 19, pool, "ste"))]:
       assert got[0].shape == want[0].shape == ((19, 2, 3, 4, 21) if pool else (19, 2, 6, 8, 21))
       assert 0 < float(want[0].mean()) < 1
       np.testing.assert_array_equal(got[0], want[0])

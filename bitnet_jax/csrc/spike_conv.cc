@@ -66,11 +66,10 @@ struct Geometry {
 };
 
 // Calls row_fn(row) for the kernel row w[tap, c, :] of every active input c around output
-// position (b, y, x), two rows at a time (row_fn2), taps in row-major order.
-template <typename T, typename F1, typename F2>
+// position (b, y, x): taps in row-major order, channels ascending.
+template <typename T, typename F>
 inline void ForActiveRows(const Geometry& g, const T* kernel, const uint16_t* lists,
-                          const uint16_t* counts, int64_t b, int64_t y, int64_t x, F1 row_fn,
-                          F2 row_fn2) {
+                          const uint16_t* counts, int64_t b, int64_t y, int64_t x, F row_fn) {
   for (int64_t dy = 0; dy < 3; ++dy) {
     int64_t yy = y + dy - 1;
     if (yy < 0 || yy >= g.h) continue;
@@ -80,71 +79,24 @@ inline void ForActiveRows(const Geometry& g, const T* kernel, const uint16_t* li
       int64_t q = (b * g.h + yy) * g.w + xx;
       const uint16_t* list = lists + q * g.ci;
       const T* tap = kernel + (dy * 3 + dx) * g.ci * g.co;
-      const int64_t m = counts[q];
-      int64_t j = 0;
-      for (; j + 2 <= m; j += 2) row_fn2(tap + list[j] * g.co, tap + list[j + 1] * g.co);
-      if (j < m) row_fn(tap + list[j] * g.co);
+      for (int64_t j = 0, m = counts[q]; j < m; ++j) row_fn(tap + list[j] * g.co);
     }
   }
 }
 
-// Output columns [c0, c0 + 4 vectors) of position (b, y, x), written to out[0, 4 vectors): 8
-// accumulators in registers (two sets, for two rows at a time).
-template <typename T>
-void AccumulateTile4(const Geometry& g, const T* kernel, const uint16_t* lists,
-                     const uint16_t* counts, int64_t b, int64_t y, int64_t x, int64_t c0,
-                     T* out) {
+// Output columns [c0, c0 + K vectors) of position (b, y, x), written to out[0, K vectors), with
+// K accumulators in registers.
+template <typename T, int K>
+void AccumulateTile(const Geometry& g, const T* kernel, const uint16_t* lists,
+                    const uint16_t* counts, int64_t b, int64_t y, int64_t x, int64_t c0, T* out) {
   using V = Vec<T>;
-  constexpr int L = V::kLanes;
-  typename V::type a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
-  ForActiveRows(g, kernel + c0, lists, counts, b, y, x,
-      [&](const T* r) {
-        a0 += V::Load(r); a1 += V::Load(r + L); a2 += V::Load(r + 2 * L);
-        a3 += V::Load(r + 3 * L);
-      },
-      [&](const T* r, const T* s) {
-        a0 += V::Load(r); a1 += V::Load(r + L); a2 += V::Load(r + 2 * L);
-        a3 += V::Load(r + 3 * L);
-        b0 += V::Load(s); b1 += V::Load(s + L); b2 += V::Load(s + 2 * L);
-        b3 += V::Load(s + 3 * L);
-      });
-  V::Store(out, a0 + b0);
-  V::Store(out + L, a1 + b1);
-  V::Store(out + 2 * L, a2 + b2);
-  V::Store(out + 3 * L, a3 + b3);
-}
-
-// Output columns [c0, c0 + 8 vectors), written to out[0, 8 vectors).
-template <typename T>
-void AccumulateTile8(const Geometry& g, const T* kernel, const uint16_t* lists,
-                     const uint16_t* counts, int64_t b, int64_t y, int64_t x, int64_t c0,
-                     T* out) {
-  using V = Vec<T>;
-  constexpr int L = V::kLanes;
-  typename V::type a0{}, a1{}, a2{}, a3{}, a4{}, a5{}, a6{}, a7{};
-  auto add = [&](const T* r) {
-    a0 += V::Load(r); a1 += V::Load(r + L); a2 += V::Load(r + 2 * L); a3 += V::Load(r + 3 * L);
-    a4 += V::Load(r + 4 * L); a5 += V::Load(r + 5 * L); a6 += V::Load(r + 6 * L);
-    a7 += V::Load(r + 7 * L);
-  };
-  ForActiveRows(g, kernel + c0, lists, counts, b, y, x, add,
-                [&](const T* r, const T* s) { add(r); add(s); });
-  V::Store(out, a0); V::Store(out + L, a1); V::Store(out + 2 * L, a2);
-  V::Store(out + 3 * L, a3); V::Store(out + 4 * L, a4); V::Store(out + 5 * L, a5);
-  V::Store(out + 6 * L, a6); V::Store(out + 7 * L, a7);
-}
-
-// Output columns [c0, c0 + 1 vector), written to out[0, 1 vector).
-template <typename T>
-void AccumulateTile1(const Geometry& g, const T* kernel, const uint16_t* lists,
-                     const uint16_t* counts, int64_t b, int64_t y, int64_t x, int64_t c0,
-                     T* out) {
-  using V = Vec<T>;
-  typename V::type a0{}, b0{};
-  ForActiveRows(g, kernel + c0, lists, counts, b, y, x,
-                [&](const T* r) { a0 += V::Load(r); },
-                [&](const T* r, const T* s) { a0 += V::Load(r); b0 += V::Load(s); });
-  V::Store(out, a0 + b0);
+  typename V::type acc[K];
+  for (int k = 0; k < K; ++k) acc[k] = typename V::type{};
+  ForActiveRows(g, kernel + c0, lists, counts, b, y, x, [&](const T* row) {
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) acc[k] += V::Load(row + k * V::kLanes);
+  });
+  for (int k = 0; k < K; ++k) V::Store(out + k * V::kLanes, acc[k]);
 }
 
 // Columns [c0, c1) that fill no whole vector, written to out[0, c1 - c0).
@@ -154,9 +106,9 @@ void AccumulateScalar(const Geometry& g, const T* kernel, const uint16_t* lists,
                       int64_t c1, T* out) {
   const int64_t n = c1 - c0;
   for (int64_t c = 0; c < n; ++c) out[c] = 0;
-  auto add = [&](const T* r) { for (int64_t c = 0; c < n; ++c) out[c] += r[c]; };
-  ForActiveRows(g, kernel + c0, lists, counts, b, y, x, add,
-                [&](const T* r, const T* s) { add(r); add(s); });
+  ForActiveRows(g, kernel + c0, lists, counts, b, y, x, [&](const T* row) {
+    for (int64_t c = 0; c < n; ++c) out[c] += row[c];
+  });
 }
 
 // Writes the indices of the nonzero entries of in[0, n) to list, in order; returns how many.
@@ -211,16 +163,12 @@ inline void Accumulate(const Geometry& g, const T* kernel, const uint16_t* lists
                        int64_t c1, T* out) {
   constexpr int64_t L = Vec<T>::kLanes;
   int64_t c = c0;
-  if (c + 8 * L <= c1) {
-    AccumulateTile8<T>(g, kernel, lists, counts, b, y, x, c, out);
-    c += 8 * L;
-  }
-  if (c + 4 * L <= c1) {
-    AccumulateTile4<T>(g, kernel, lists, counts, b, y, x, c, out + (c - c0));
-    c += 4 * L;
-  }
+  for (; c + 8 * L <= c1; c += 8 * L)
+    AccumulateTile<T, 8>(g, kernel, lists, counts, b, y, x, c, out + (c - c0));
+  for (; c + 4 * L <= c1; c += 4 * L)
+    AccumulateTile<T, 4>(g, kernel, lists, counts, b, y, x, c, out + (c - c0));
   for (; c + L <= c1; c += L)
-    AccumulateTile1<T>(g, kernel, lists, counts, b, y, x, c, out + (c - c0));
+    AccumulateTile<T, 1>(g, kernel, lists, counts, b, y, x, c, out + (c - c0));
   if (c < c1) AccumulateScalar<T>(g, kernel, lists, counts, b, y, x, c, c1, out + (c - c0));
 }
 
