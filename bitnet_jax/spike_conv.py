@@ -74,6 +74,8 @@ def _register() -> str | None:
   """Builds, loads and registers the kernel; returns None on success, else why it cannot run."""
   if jax.default_backend() != "cpu":
     return f"it runs on CPU only (the default backend is {jax.default_backend()!r})"
+  if not hasattr(jax, "ffi"):
+    return f"it needs jax.ffi (jax >= 0.4.38), found jax {jax.__version__}"
   compiler = _compiler()
   if compiler is None:
     return "no C++ compiler found (set $CXX, or install g++)"
