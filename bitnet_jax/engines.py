@@ -129,14 +129,11 @@ def _layer_runs(module, params, plan, synapse, fire):
   """
   def dense(spec, x, state, n):
     if spec.name == "begin":
-      spikes, state = _neuron_over_time(fire, state, const=x, length=n)
-    else:
-      flat = x.reshape((-1,) + x.shape[2:])                  # (n*B, H, W, C)
-      pred = synapse(spec.name, flat)                        # one conv for n steps
-      pred = pred.reshape(x.shape[:2] + pred.shape[1:])      # (n, B, ...)
-      spikes, state = _neuron_over_time(fire, state, pred)
-    out = models.maxpool(spikes) if spec.pool else spikes
-    return out, state, _per_image_sum(spikes, 1)             # (B,)
+      return layer_over_time(fire, state, spec.pool, const=x, length=n)
+    flat = x.reshape((-1,) + x.shape[2:])                    # (n*B, H, W, C)
+    pred = synapse(spec.name, flat)                          # one conv for n steps
+    pred = pred.reshape(x.shape[:2] + pred.shape[1:])        # (n, B, ...)
+    return layer_over_time(fire, state, spec.pool, pred)
 
   def fused(spec, x, state, n):
     if spec.name == "begin":
@@ -198,6 +195,17 @@ def _neuron_over_time(fire, state, preds=None, const=None, length=None):
     return s, spike
   state, spikes = jax.lax.scan(step, state, preds, length=length)
   return spikes, state  # (T, ...) spikes, final state
+
+
+def layer_over_time(fire, state, pool: bool, preds=None, const=None, length=None):
+  """A layer's neurons through time (`_neuron_over_time`), then its max pool and spike count.
+
+  Returns:
+    (out, state, count): (T, B, ...) spikes, pooled if `pool`; the final state; (B,) spikes
+    per image over the T steps, before pooling. (The dense form of `spike_conv.layer`.)
+  """
+  spikes, state = _neuron_over_time(fire, state, preds, const, length)
+  return (models.maxpool(spikes) if pool else spikes), state, _per_image_sum(spikes, 1)
 
 
 def _parallel_chunk(layer_runs, pred0, states, n):

@@ -155,22 +155,23 @@ def _conv_bwd(residual, g):
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _over_time(pred_at, state, steps, pool, surrogate):
-  """bddi for `steps` steps of pred_at(k) in jnp: (spikes (T, N, ...), state, count (N,))."""
-  from bitnet_jax import models, neuron  # pylint: disable=import-outside-toplevel
-  def step(s, k):
-    spike, s = neuron.bddi(s, pred_at(k), surrogate)
-    return s, spike
-  state, spikes = jax.lax.scan(step, state, jnp.arange(steps))
-  count = jnp.moveaxis(spikes, 1, 0).reshape(state.shape[0], -1).sum(1)
-  return (models.maxpool(spikes) if pool else spikes), state, count
+def _layer_over_time(state, pool, surrogate, **preds):
+  """`engines.layer_over_time` with the bddi neuron of `surrogate`."""
+  from bitnet_jax import engines, neuron  # pylint: disable=import-outside-toplevel
+  fire = functools.partial(neuron.bddi, surrogate=surrogate)
+  return engines.layer_over_time(fire, state, pool, **preds)
 
 
 def _layer_dense(x, kernel, bias, state, pool, surrogate):
   """What `layer` computes, with the dense convolution (its backward differentiates this)."""
   pred = _dense(x.reshape((-1,) + x.shape[2:]), kernel) + bias
   pred = pred.reshape(x.shape[:2] + pred.shape[1:])  # (T, N, H, W, Co)
-  return _over_time(lambda k: pred[k], state, x.shape[0], pool, surrogate)
+  return _layer_over_time(state, pool, surrogate, preds=pred)
+
+
+def _neuron_dense(pred, state, steps, pool, surrogate):
+  """What `neuron` computes, in jnp (its backward differentiates this)."""
+  return _layer_over_time(state, pool, surrogate, const=pred, length=steps)
 
 
 def _outputs(steps, state, pool):
@@ -259,8 +260,7 @@ def _neuron_fwd(pred, state, steps, pool, surrogate):
 
 
 def _neuron_bwd(steps, pool, surrogate, residual, g):
-  f = lambda pred, state: _over_time(lambda k: pred, state, steps, pool, surrogate)
-  _, vjp = jax.vjp(f, *residual)
+  _, vjp = jax.vjp(lambda *args: _neuron_dense(*args, steps, pool, surrogate), *residual)
   return vjp(g)
 
 

@@ -23,7 +23,7 @@ STEPS = 6
 # The jnp computations the kernels replace (and differentiate through).
 _dense = spike_conv._dense  # pylint: disable=protected-access
 _layer_dense = spike_conv._layer_dense  # pylint: disable=protected-access
-_over_time = spike_conv._over_time  # pylint: disable=protected-access
+_neuron_dense = spike_conv._neuron_dense  # pylint: disable=protected-access
 
 
 def _config(**overrides):
@@ -81,7 +81,7 @@ def test_layer_and_neuron_match_dense_over_many_steps(pool):
         (spike_conv.layer(x, kernel, bias, state, pool, "ste"),
          _layer_dense(x, kernel, bias, state, pool, "ste")),
         (spike_conv.neuron(pred, state, 19, pool, "ste"),
-         _over_time(lambda k: pred, state, 19, pool, "ste"))]:
+         _neuron_dense(pred, state, 19, pool, "ste"))]:
       assert got[0].shape == want[0].shape == ((19, 2, 3, 4, 21) if pool else (19, 2, 6, 8, 21))
       assert 0 < float(want[0].mean()) < 1
       np.testing.assert_array_equal(got[0], want[0])

@@ -374,16 +374,12 @@ BITNET_SPIKE_NEURON(BitnetSpikeNeuronF64, ffi::F64)
 BITNET_SPIKE_LAYER(BitnetSpikeLayerF32, ffi::F32)
 BITNET_SPIKE_LAYER(BitnetSpikeLayerF64, ffi::F64)
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetSpikeConvF32, SpikeConvHandler<ffi::F32>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetSpikeConvF64, SpikeConvHandler<ffi::F64>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F64>>()
-                                  .Arg<ffi::Buffer<ffi::F64>>()
-                                  .Ret<ffi::Buffer<ffi::F64>>());
+#define BITNET_SPIKE_CONV(name, D)                                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, SpikeConvHandler<D>,            \
+                                ffi::Ffi::Bind()                      \
+                                    .Ctx<ffi::ThreadPool>()           \
+                                    .Arg<ffi::Buffer<D>>()            \
+                                    .Arg<ffi::Buffer<D>>()            \
+                                    .Ret<ffi::Buffer<D>>());
+BITNET_SPIKE_CONV(BitnetSpikeConvF32, ffi::F32)
+BITNET_SPIKE_CONV(BitnetSpikeConvF64, ffi::F64)
