@@ -7,10 +7,18 @@ Thin entry point: the logic lives in `bitnet_jax.trainer` so it can be imported 
                             The training time steps are --config.time_steps.
   --workdir DIR             checkpoints, metrics.jsonl and TensorBoard files; rerunning with the
                             same workdir resumes. Default: workdirs/<config file name>.
-  --distributed             call jax.distributed.initialize() first (multi-host GPU/TPU runs).
+  --distributed             call jax.distributed.initialize() first (multi-process runs: several
+                            GPUs, hosts or a TPU pod slice); under SLURM or on Cloud TPU, JAX
+                            finds the job by itself.
+  --coordinator_address H:P, --num_processes N, --process_id I
+                            the job without a scheduler (imply --distributed): process I of N,
+                            process 0 listening at H:P. --distributed_timeout_s S bounds the
+                            wait for the others (default 300).
 """
 
 import os
+import shlex
+import sys
 
 from absl import app
 from absl import flags
@@ -23,6 +31,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default workdirs
 _STEPS = flags.DEFINE_integer("steps", None, "Time steps at evaluation (overrides "
                               "config.eval_time_steps).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 "
+                                   "(multi-process runs without a scheduler).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
+_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300, "Seconds to wait for the other "
+                                "processes (connect, heartbeat, exit).")
 
 
 def main(argv):
@@ -30,15 +44,21 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   import jax  # pylint: disable=import-outside-toplevel
-  from bitnet_jax import trainer  # pylint: disable=import-outside-toplevel
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  from bitnet_jax import distributed, trainer  # pylint: disable=import-outside-toplevel
+  if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value is not None or (
+      _PROCESS_ID.value is not None):
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           _TIMEOUT.value)
   config = _CONFIG.value
   if _STEPS.value is not None:
     with config.unlocked():
       config.eval_time_steps = _STEPS.value
   name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
-  trainer.train_and_evaluate(config, _WORKDIR.value or os.path.join("workdirs", name))
+  workdir = _WORKDIR.value or os.path.join("workdirs", name)
+  result = trainer.train_and_evaluate(config, workdir)
+  if result.get("preempted") and jax.process_index() == 0:
+    again = sys.argv if _WORKDIR.value else sys.argv + ["--workdir", workdir]
+    print("resume with: " + shlex.join(["python", *again]), flush=True)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ optimizer state are replicated, so XLA inserts the gradient all-reduce. Multi-ho
 `jax.distributed.initialize()` first (train.py --distributed).
 
 The loop resumes from the workdir's newest checkpoint, saves periodically, each epoch and on
-SIGTERM, validates, keeps the best checkpoint by top-1, and writes metrics.jsonl (and TensorBoard
-event files when tensorboardX is installed).
+SIGINT or SIGTERM (after the step in flight, at the same step on every process), validates,
+keeps the best checkpoint by top-1, and writes metrics.jsonl (and TensorBoard event files when
+tensorboardX is installed).
 """
 
 import functools
@@ -15,6 +16,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bitnet_jax import neuron
@@ -63,6 +66,9 @@ def validate_config(config: ml_collections.ConfigDict):
   need(config.compute_dtype in models.COMPUTE_DTYPES,
        f"compute_dtype must be one of {tuple(models.COMPUTE_DTYPES)}, got "
        f"{config.compute_dtype!r}")
+  precision = config.get("matmul_precision", "highest")  # configs older than the field
+  need(isinstance(precision, str) and precision in models.PRECISIONS,
+       f"matmul_precision must be one of {tuple(models.PRECISIONS)}, got {precision!r}")
   need(config.synapses in ("dense", "sparse"),
        f"synapses must be dense or sparse, got {config.synapses!r}")
   if config.synapses == "sparse":
@@ -96,6 +102,7 @@ def make_module(config, info: datasets.DatasetInfo) -> models.BITnet6:
   return models.VARIANTS[config.variant](
       fs=config.fs, num_classes=info.num_classes, img_size=h, in_channels=c,
       surrogate=config.surrogate, sparse=config.synapses == "sparse",
+      precision=config.get("matmul_precision", "highest"),  # configs older than the field
       **models.compute_dtype(config.compute_dtype))
 
 
@@ -195,17 +202,39 @@ class MetricWriter:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag that the loop checks after each step."""
+  """Turns SIGINT and SIGTERM into a request to save and stop after the current step.
+
+  Colab's interrupt button sends SIGINT (a KeyboardInterrupt, which would lose everything since
+  the last checkpoint), schedulers send SIGTERM. Both only set a flag here; the loop finishes the
+  step in flight, saves it and returns. A second SIGINT raises KeyboardInterrupt as usual, for
+  a user who wants out at once. With several processes, `agreed()` takes the flag of every
+  process (a host all-gather per step), so all of them stop and save at the same step.
+  """
 
   def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.signal = None  # name of the first signal received, e.g. "SIGINT"
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():  # signal.signal's requirement
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._previous[sig] = signal.signal(sig, self._handle)
 
-  def _handle(self, *_):
-    self.requested = True
+  def _handle(self, signum, frame):
+    if self.signal == "SIGINT" and signum == signal.SIGINT:
+      signal.default_int_handler(signum, frame)  # second Ctrl-C: KeyboardInterrupt
+    self.signal = self.signal or signal.Signals(signum).name
+
+  def agreed(self) -> bool:
+    """Whether any process was asked to stop; the same answer on every process."""
+    if jax.process_count() == 1:
+      return self.signal is not None
+    asked = multihost_utils.process_allgather(np.int32(self.signal is not None))
+    if asked.max() and self.signal is None:
+      self.signal = "a signal to another process"
+    return bool(asked.max())
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
 
 def _progress(total: int, initial: int):
@@ -287,9 +316,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for step in range(start + 1, total_steps + 1):
       batch = input_pipeline.shard_batch(next(train_iter), mesh)
       state, metrics = train_step(state, batch)
+      stop = preempt.agreed()
       window = metrics if window is None else jax.tree_util.tree_map(jnp.add, window, metrics)
       end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-      if step % config.log_every == 0 or end_of_epoch or preempt.requested:
+      if step % config.log_every == 0 or end_of_epoch or stop:
         values = check_window(step)
         writer.write(step, "train", values)
         if bar is not None:
@@ -315,15 +345,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  f"top-5 {result['top5']:.4f}, loss {result['loss']:.4f} "
                  f"(T={config.eval_time_steps}, {result['n']} test images)")
           (bar.write if bar is not None else print)(msg)
-      if step % config.checkpoint_every == 0 or end_of_epoch or preempt.requested:
+      if step % config.checkpoint_every == 0 or end_of_epoch or stop:
         check_window(step)  # never checkpoint a non-finite state
         save(step, best=is_best)
       if window is None:  # images/s of the next window: training time only, not eval/saving
         t0 = time.perf_counter()
-      if preempt.requested:
+      if stop:
         ckpts.wait()
-        print(f"SIGTERM: saved step {step} to {workdir}; rerun the same command to resume",
-              flush=True)
+        result = dict(result, preempted=preempt.signal, saved_step=step)
+        if jax.process_index() == 0:
+          print(f"{preempt.signal}: saved step {step} to {workdir}; rerun the same command "
+                "to resume", flush=True)
         break
   finally:
     ckpts.wait()

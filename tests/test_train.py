@@ -1,4 +1,4 @@
-"""Training end to end: train.py runs, resumes exactly after kill -9 and SIGTERM, shards over
+"""Training end to end: train.py runs, resumes exactly after kill -9, SIGINT and SIGTERM, shards over
 8 devices, rejects bad configs, and compiles the seed's full-size models."""
 
 import json
@@ -101,17 +101,44 @@ def test_kill_9_mid_epoch_then_resume_is_bitwise_identical(uninterrupted, tmp_pa
     np.testing.assert_array_equal(a, b)
 
 
+def _wait_for(path, proc, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None and not path.exists():
+    time.sleep(0.05)
+
+
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
   proc = _train(tmp_path, "--config.num_epochs=50", wait=False)
-  deadline = time.time() + 300
-  while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
-    time.sleep(0.05)
+  _wait_for(tmp_path / "metrics.jsonl", proc)
   proc.send_signal(signal.SIGTERM)
   stdout, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, stdout
   assert "SIGTERM: saved step" in stdout
   step = int(stdout.split("SIGTERM: saved step ")[1].split()[0])
   assert str(step) in os.listdir(tmp_path / "checkpoints")
+  assert f"resume with: python train.py --config configs/default.py --workdir {tmp_path}" in stdout
+
+
+def test_sigint_saves_the_current_step_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
+  """Regression: Colab's interrupt is SIGINT, which raised KeyboardInterrupt and saved nothing
+  (losing up to an epoch). Now the step in flight is finished and saved, and a rerun ends with
+  exactly the uninterrupted run's parameters."""
+  proc = _train(tmp_path, wait=False)
+  _wait_for(tmp_path / "metrics.jsonl", proc)  # written at step 2 of 16
+  proc.send_signal(signal.SIGINT)
+  stdout, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stdout
+  assert "KeyboardInterrupt" not in stdout
+  step = int(stdout.split("SIGINT: saved step ")[1].split()[0])
+  assert 2 <= step < 16, "the run finished before it could be interrupted"
+  assert max(int(d) for d in os.listdir(tmp_path / "checkpoints")) == step
+  out = _train(tmp_path)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert f"resumed at step {step}" in out.stdout
+  resumed, _ = _final_params(tmp_path)
+  reference, _ = _final_params(uninterrupted[0])
+  for a, b in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(reference)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_one_vs_eight_devices_same_losses(uninterrupted, tmp_path):
