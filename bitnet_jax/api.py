@@ -19,8 +19,8 @@ class Model(flax.struct.PyTreeNode):
 
 def create_model(variant: str = "BITnet6", *, fs: float, num_classes: int, img_size: int = 32,
                  in_channels: int = 3, surrogate: str = "ste", dtype=jnp.float32,
-                 kernel_parts: int = 1, sparse: bool = False, seed: int = 0,
-                 params=None) -> Model:
+                 kernel_parts: int = 1, sparse: bool = False, precision="highest",
+                 seed: int = 0, params=None) -> Model:
   """Builds a BITnet with freshly initialised parameters (PyTorch's default init) or given ones.
 
   Args:
@@ -34,6 +34,9 @@ def create_model(variant: str = "BITnet6", *, fs: float, num_classes: int, img_s
     kernel_parts: with a bfloat16 `dtype`, bf16 parts per kernel (3: float32's spikes; see
       `models.BITnet6`).
     sparse: convolutions on spikes by the zero-skipping CPU kernel (`spike_conv.py`).
+    precision: "highest" (true float32: the release's spikes on every platform), "high" or
+      "default" (faster on GPU/TPU, less exact; no change on CPU), or a `jax.lax.Precision`;
+      used by every convolution and matmul, forward and backward (see `models.PRECISIONS`).
     seed: PRNG seed of the initialisation.
     params: use these parameters instead (checked against the architecture's shapes).
 
@@ -44,7 +47,8 @@ def create_model(variant: str = "BITnet6", *, fs: float, num_classes: int, img_s
     raise ValueError(f"unknown variant {variant!r}: expected one of {tuple(models.VARIANTS)}")
   module = models.VARIANTS[variant](fs=fs, num_classes=num_classes, img_size=img_size,
                                     in_channels=in_channels, surrogate=surrogate, dtype=dtype,
-                                    kernel_parts=kernel_parts, sparse=sparse)
+                                    kernel_parts=kernel_parts, sparse=sparse,
+                                    precision=precision)
   dummy = jnp.zeros((1, img_size, img_size, in_channels), jnp.float32)
   if params is None:
     params = jax.jit(module.init)(jax.random.PRNGKey(seed), dummy)["params"]

@@ -80,6 +80,10 @@ class BITnet6(nn.Module):
       `spike_conv.conv`, a C++ XLA:CPU kernel that adds only the kernel rows of the active
       inputs (float32/float64, CPU only; the gradient stays the dense one). Same results up to
       summation order; its cost scales with the spike count instead of the layer size.
+    precision: matmul/conv precision of every synapse, forward and backward: "highest" (default),
+      "high" or "default", or the `jax.lax.Precision` member (see `PRECISIONS`). It changes
+      nothing on CPU; "highest" keeps the release's float32 spikes on TPUs and on GPUs with TF32.
+      The sparse synapses compute in exact float32 whatever this says (CPU only).
   """
   fs: float = 4.0
   num_classes: int = 10
@@ -89,6 +93,7 @@ class BITnet6(nn.Module):
   dtype: Any = jnp.float32
   kernel_parts: int = 1
   sparse: bool = False
+  precision: Any = "highest"  # str or jax.lax.Precision: both hashable (modules are static args)
 
   pools_after = ("layer1", "layer2", "layer4")  # the 2x2 maxpools, besides the 64x64 one
 
@@ -111,11 +116,17 @@ class BITnet6(nn.Module):
     if not (isinstance(self.num_classes, int) and self.num_classes >= 1):
       raise ValueError(f"num_classes must be an int >= 1, got {self.num_classes!r}")
     neuron.get_surrogate(self.surrogate)
+    lax_precision(self.precision)
     if self.kernel_parts not in (1, 2, 3):
       raise ValueError(f"kernel_parts must be 1, 2 or 3, got {self.kernel_parts!r}")
     if self.sparse and jnp.dtype(self.dtype) not in (jnp.float32, jnp.float64):
       raise ValueError(f"sparse synapses compute in float32 or float64 (exact spikes times "
                        f"float32 weights), got dtype {jnp.dtype(self.dtype).name}")
+
+  @property
+  def lax_precision(self) -> jax.lax.Precision:
+    """`precision` as a `jax.lax.Precision` member."""
+    return lax_precision(self.precision)
 
   @property
   def state_dtype(self):
@@ -142,10 +153,10 @@ class BITnet6(nn.Module):
     for name in LAYERS[:-1]:
       setattr(self, name, nn.Conv(
           out[name], (3, 3), padding=1, dtype=self.dtype, param_dtype=jnp.float32,
-          kernel_init=_torch_default_kernel, bias_init=_torch_default_bias(fan_in[name]),
-          name=name))
+          precision=self.lax_precision, kernel_init=_torch_default_kernel,
+          bias_init=_torch_default_bias(fan_in[name]), name=name))
     self.mlp1 = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                         kernel_init=_torch_default_kernel,
+                         precision=self.lax_precision, kernel_init=_torch_default_kernel,
                          bias_init=_torch_default_bias(16 * c4), name="mlp1")
 
   def synapse(self, layer: str, x: jax.Array) -> jax.Array:
@@ -169,13 +180,13 @@ class BITnet6(nn.Module):
     params = self.variables["params"][layer]
     kernel, bias = params["kernel"], params["bias"]
     if layer == "begin":
-      return _linear(x.astype(kernel.dtype), kernel, kernel.dtype) + bias
+      return _linear(x.astype(kernel.dtype), kernel, kernel.dtype, self.lax_precision) + bias
     x = x.astype(self.dtype)              # spikes: 0/1, exact
     out, rest = 0, kernel
     for _ in range(self.kernel_parts):    # kernel = hi + mid + lo (+ what 3 parts cannot hold)
       part = rest.astype(self.dtype)
       rest = rest - part.astype(kernel.dtype)
-      out = out + _linear(x, part, self.state_dtype)
+      out = out + _linear(x, part, self.state_dtype, self.lax_precision)
     return out + bias
 
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -208,6 +219,31 @@ COMPUTE_DTYPES = {"float32": (jnp.float32, 1), "bfloat16": (jnp.bfloat16, 1),
                   "bfloat16x2": (jnp.bfloat16, 2), "bfloat16x3": (jnp.bfloat16, 3)}
 
 
+# Config names of the synapses' matmul/conv precision (`jax.lax.Precision`; see its docstring and
+# https://docs.jax.dev/en/latest/201/precision.html). It changes float32 operands only, and only
+# on accelerators: on CPU all three compute float32 (the same spikes). On GPU, "default" and "high"
+# both use TF32 where the GPU has it (Ampere and newer: inputs rounded to a 10-bit mantissa, so the
+# spikes drift as with bfloat16 compute), float32 on older GPUs; "highest" is float32. On TPU,
+# "default" is one bfloat16 pass (8-bit mantissa), "high" three passes (bf16x3), "highest" six
+# (float32's accuracy). Faster modes cost accuracy; "highest" keeps the release's spikes.
+PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "high": jax.lax.Precision.HIGH,
+              "default": jax.lax.Precision.DEFAULT}
+
+
+def lax_precision(precision) -> jax.lax.Precision:
+  """The `jax.lax.Precision` of a `PRECISIONS` name or member.
+
+  Raises:
+    ValueError: anything else (other strings, None, dot-algorithm presets).
+  """
+  if isinstance(precision, jax.lax.Precision):
+    return precision
+  if isinstance(precision, str) and precision in PRECISIONS:
+    return PRECISIONS[precision]
+  raise ValueError(f"precision must be one of {tuple(PRECISIONS)} or a jax.lax.Precision, got "
+                   f"{precision!r}")
+
+
 def compute_dtype(name: str) -> dict:
   """The module fields of a compute-dtype name: {"dtype": ..., "kernel_parts": ...}."""
   if name not in COMPUTE_DTYPES:
@@ -216,14 +252,15 @@ def compute_dtype(name: str) -> dict:
   return {"dtype": dtype, "kernel_parts": parts}
 
 
-def _linear(x: jax.Array, kernel: jax.Array, out_dtype) -> jax.Array:
+def _linear(x: jax.Array, kernel: jax.Array, out_dtype,
+            precision: jax.lax.Precision) -> jax.Array:
   """The synapse without its bias: a 3x3 'SAME' conv of (N, H, W, Ci) with an HWIO kernel, or a
-  matmul of (N, D) with (D, K), accumulated and returned in `out_dtype`."""
+  matmul of (N, D) with (D, K), accumulated and returned in `out_dtype`, at `precision`."""
   if kernel.ndim == 2:
-    return jnp.dot(x, kernel, preferred_element_type=out_dtype)
+    return jnp.dot(x, kernel, precision=precision, preferred_element_type=out_dtype)
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                      preferred_element_type=out_dtype)
+                                      precision=precision, preferred_element_type=out_dtype)
 
 
 def maxpool(x: jax.Array) -> jax.Array:

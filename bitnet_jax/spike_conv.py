@@ -109,8 +109,11 @@ def check_available():
 
 
 def _dense(x, kernel):
+  """The dense convolution that `conv` equals, at `HIGHEST` like the kernel's float32 sums (sparse
+  synapses run on CPU only, where the module's `precision` changes nothing)."""
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      precision=jax.lax.Precision.HIGHEST)
 
 
 @jax.custom_vjp

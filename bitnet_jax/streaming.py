@@ -74,13 +74,15 @@ def _sum_leading(x: jax.Array) -> jax.Array:
 
   XLA:CPU reduces over a leading axis with many kept elements very slowly (0.4 GB/s measured:
   225 ms for a (10, 2M) float32 sum, against 4 ms for this product); `HIGHEST` keeps it in
-  full float32 on GPUs, whose default would round the operands to TF32.
+  full float32 on GPUs, whose default would round the operands to TF32. It stays `HIGHEST`
+  whatever the module's `precision`: a sum is no synapse, and a product with a vector is cheap.
   """
   ones = jnp.ones(x.shape[:1], x.dtype)
   return jnp.tensordot(ones, x, 1, precision=jax.lax.Precision.HIGHEST)
 
 
-def _kernel_grad_taps(x: jax.Array, g: jax.Array) -> jax.Array:
+def _kernel_grad_taps(x: jax.Array, g: jax.Array,
+                      precision=jax.lax.Precision.HIGHEST) -> jax.Array:
   """Weight gradient of a 3x3, stride-1, pad-1 NHWC/HWIO convolution as 9 matrix products.
 
   dK[dy, dx] = sum_{n,h,w} x_pad[n, h+dy, w+dx, :]^T g[n, h, w, :]. The taps run in a loop, so
@@ -91,6 +93,7 @@ def _kernel_grad_taps(x: jax.Array, g: jax.Array) -> jax.Array:
   Args:
     x: (N, H, W, Ci) layer input, any dtype (bool for spikes).
     g: (N, H, W, Co) cotangent of the layer output.
+    precision: of the products (the module's `lax_precision`).
 
   Returns:
     (3, 3, Ci, Co) in float32 (float64 for a float64 g).
@@ -106,13 +109,15 @@ def _kernel_grad_taps(x: jax.Array, g: jax.Array) -> jax.Array:
   def tap(_, k):  # k = 3 * dy + dx
     xs = jax.lax.dynamic_slice(xp, (0, k // 3, k % 3, 0), (n, h, w, ci))
     xs = xs.astype(dtype).reshape(split, rows // split, ci)
-    return None, _sum_leading(jax.lax.dot_general(xs, g, (((1,), (1,)), ((0,), (0,)))))
+    return None, _sum_leading(jax.lax.dot_general(xs, g, (((1,), (1,)), ((0,), (0,))),
+                                                  precision=precision))
 
   _, taps = jax.lax.scan(tap, None, jnp.arange(9))
   return taps.reshape(3, 3, ci, co)
 
 
-def _conv_input_grad(g: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
+def _conv_input_grad(g: jax.Array, kernel: jax.Array, dtype,
+                     precision=jax.lax.Precision.HIGHEST) -> jax.Array:
   """Input gradient of a 3x3, stride-1, pad-1 NHWC/HWIO convolution, as a forward convolution.
 
   The transpose of the convolution is the convolution with the kernel flipped in space and its
@@ -124,13 +129,15 @@ def _conv_input_grad(g: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
     g: (N, H, W, Co) cotangent of the layer output.
     kernel: (3, 3, Ci, Co).
     dtype: the layer's compute dtype.
+    precision: the module's `lax_precision` (autodiff's transpose would inherit the forward's).
 
   Returns:
     (N, H, W, Ci) in `dtype`.
   """
   flipped = jnp.flip(kernel.astype(dtype), (0, 1)).swapaxes(2, 3)  # (3, 3, Co, Ci)
   return jax.lax.conv_general_dilated(g.astype(dtype), flipped, (1, 1), ((1, 1), (1, 1)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      precision=precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -150,9 +157,11 @@ def _spike_synapse_bwd(module, name, residual, g):
   _, vjp = jax.vjp(synapse, layer_params, x)
   g_params, g_x = vjp(g)
   if name != "mlp1":
-    g_x = _conv_input_grad(g, layer_params["kernel"], module.dtype).astype(g_x.dtype)
+    g_x = _conv_input_grad(g, layer_params["kernel"], module.dtype,
+                           module.lax_precision).astype(g_x.dtype)
     native = lambda x, g: g_params["kernel"]
-    taps = lambda x, g: _kernel_grad_taps(x, g).astype(g_params["kernel"].dtype)
+    taps = lambda x, g: _kernel_grad_taps(x, g, module.lax_precision).astype(
+        g_params["kernel"].dtype)
     kernel = jax.lax.platform_dependent(x_bool, g, cpu=taps, default=native)
     g_params = dict(g_params, kernel=kernel)
   return g_params, g_x

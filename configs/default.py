@@ -23,10 +23,17 @@ def get_config() -> ml_collections.ConfigDict:
   # Model (bitnet_jax/models.py).
   c.variant = "BITnet6"           # BITnet6 | BITnet6_v101
   c.fs = 4.0                      # feature scale: channels int(64*fs), ..., int(512*fs)
+  c.neuron = "bddi"               # bddi (the spiking BITnet) | relu (the seed's "Baseline": the same layers
+                                  # with ReLU and softmax cross-entropy, one pass; python -m bitnet_jax.baseline)
   c.surrogate = "ste"             # bddi surrogate gradient: ste | triangle | sigmoid | atan [":param"]
   c.compute_dtype = "float32"     # float32 | bfloat16 | bfloat16x2 | bfloat16x3 (synapses; params and
                                   # membranes stay float32). bfloat16xN: N bf16 parts of each kernel,
                                   # float32 sums; x3 spikes agree with float32 (README, "bfloat16")
+  c.matmul_precision = "highest"  # highest | high | default: jax.lax.Precision of every conv and
+                                  # matmul, forward and backward. No effect on CPU. highest: true float32,
+                                  # the release's spikes (slowest on GPU/TPU); default: TF32 on Ampere+
+                                  # GPUs, 1 bf16 pass on TPU (faster; spikes drift as with bfloat16);
+                                  # high: TF32 on GPU, 3 bf16 passes on TPU (README, "Matmul precision")
   c.synapses = "dense"            # dense | sparse: convs on spikes by a C++ XLA:CPU kernel that skips the
                                   # zeros (CPU only, float32; needs a C++ compiler; README, "Sparse synapses")
 
