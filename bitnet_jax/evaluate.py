@@ -12,13 +12,14 @@ import numpy as np
 from bitnet_jax import engines
 from bitnet_jax import input_pipeline
 from bitnet_jax import losses
+from bitnet_jax import twin
 
 SCORES = ("count", "potential")
 
 
 def make_eval_step(module, *, time_steps: int, mean, std, loss: str = "mse_rate",
                    logit_scale: float = 10.0, engine: str = "parallel", chunk: int = 0,
-                   sweep: tuple[int, ...] = (), score: str = "count"):
+                   sweep: tuple[int, ...] = (), score: str = "count", neuron: str = "bddi"):
   """Builds the jitted `eval_step(params, batch) -> dict of sums`.
 
   Args:
@@ -30,7 +31,12 @@ def make_eval_step(module, *, time_steps: int, mean, std, loss: str = "mse_rate"
     sweep: extra step counts t <= T at which top-1 is also measured, from the same run.
     score: "count" (the release: argmax of spike counts, first maximum on ties) or "potential"
       (counts + the last layer's residual membrane, which breaks most ties).
+    neuron: "bddi" (the BITnet) or "relu" (its ReLU twin, `twin.py`: one pass, scores are the
+      logits, the loss is softmax cross-entropy, `layer_spikes` counts non-zero activations;
+      summarize it with time_steps=1).
   """
+  if twin.check_neuron(neuron) == "relu" and (sweep or score != "count"):
+    raise ValueError("the ReLU twin has no time steps: no sweep, and score must be 'count'")
   if score not in SCORES:
     raise ValueError(f"unknown score {score!r}: expected one of {SCORES}")
   bad = [t for t in sweep if not 1 <= t <= time_steps]
@@ -41,20 +47,25 @@ def make_eval_step(module, *, time_steps: int, mean, std, loss: str = "mse_rate"
   def eval_step(params, batch):
     images = input_pipeline.normalize(batch["image"], mean, std)  # (B, H, W, C)
     labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
-    trace = engines.run(module, params, images, time_steps, engine=engine, chunk=chunk)
-    counts = trace.out_spikes.sum(0)                                 # (B, K)
-    scores = counts if score == "count" else counts + trace.final_state
+    if neuron == "relu":
+      scores, layer_active = twin.forward(module, params, images)    # (B, K), (B, 6)
+      per_example = twin.per_example_loss(scores, labels)
+    else:
+      trace = engines.run(module, params, images, time_steps, engine=engine, chunk=chunk)
+      counts = trace.out_spikes.sum(0)                               # (B, K)
+      scores = counts if score == "count" else counts + trace.final_state
+      per_example = losses.per_example_loss(loss, counts, labels, time_steps, logit_scale)
+      layer_active = trace.layer_spikes                              # (B, 6)
     top1 = jnp.argmax(scores, -1) == labels                          # first maximum on ties
     _, top5 = jax.lax.top_k(scores, min(5, scores.shape[-1]))        # lower index first on ties
     tied = jnp.sum(scores == scores.max(-1, keepdims=True), -1) > 1  # the tie decided the argmax
-    per_example = losses.per_example_loss(loss, counts, labels, time_steps, logit_scale)
     sums = {
         "n": mask.sum(),
         "correct1": (top1 * mask).sum(),
         "correct5": (jnp.any(top5 == labels[:, None], -1) * mask).sum(),
         "loss": (per_example * mask).sum(),
         "ties": (tied * mask).sum(),
-        "layer_spikes": (trace.layer_spikes * mask[:, None]).sum(0),  # (6,)
+        "layer_spikes": (layer_active * mask[:, None]).sum(0),       # (6,)
     }
     if sweep:
       partial = jnp.cumsum(trace.out_spikes, 0)[jnp.asarray(sweep) - 1]  # (S, B, K)
@@ -132,11 +143,13 @@ def run_evaluation(config, *, workdir: str | None = None, which: str = "best",
   steps = max((config.eval_time_steps,) + sweep)
   mesh = Mesh(np.array(jax.devices()), ("data",))
   params = jax.device_put(params, NamedSharding(mesh, P()))
+  neuron = config.get("neuron", "bddi")
   eval_step = make_eval_step(module, time_steps=steps, mean=info.mean, std=info.std,
                              loss=config.loss, logit_scale=config.logit_scale,
-                             engine=config.engine, chunk=config.chunk, sweep=sweep, score=score)
+                             engine=config.engine, chunk=config.chunk, sweep=sweep, score=score,
+                             neuron=neuron)
   sums = evaluate(eval_step, params, input_pipeline.create_eval_iter(config, info), mesh)
-  result = summarize(sums, module, steps, sweep)
+  result = summarize(sums, module, 1 if neuron == "relu" else steps, sweep)
   result.update(checkpoint=source, dataset=info.name, score=score)
   return result
 

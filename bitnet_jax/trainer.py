@@ -38,6 +38,7 @@ from bitnet_jax import input_pipeline
 from bitnet_jax import losses
 from bitnet_jax import models
 from bitnet_jax import spike_conv
+from bitnet_jax import twin
 
 
 
@@ -63,6 +64,7 @@ def validate_config(config: ml_collections.ConfigDict):
        f"variant must be one of {tuple(models.VARIANTS)}, got {config.variant!r}")
   need(config.fs > 0, f"fs must be > 0, got {config.fs}")
   neuron.get_surrogate(config.surrogate)
+  twin.check_neuron(config.get("neuron", "bddi"))
   need(config.compute_dtype in models.COMPUTE_DTYPES,
        f"compute_dtype must be one of {tuple(models.COMPUTE_DTYPES)}, got "
        f"{config.compute_dtype!r}")
@@ -128,8 +130,13 @@ def make_train_step(module, config, tx, info, mesh):
   """Builds `train_step(state, batch) -> (state, metrics)`, jitted with donation."""
   mean, std = info.mean, info.std
 
+  relu_twin = config.get("neuron", "bddi") == "relu"
+
   def loss_fn(params, batch):
     images = input_pipeline.normalize(batch["image"], mean, std)          # (B, H, W, C)
+    if relu_twin:  # the seed's baseline: one pass, softmax cross-entropy on the logits
+      logits, _ = twin.forward(module, params, images)                    # (B, K)
+      return twin.per_example_loss(logits, batch["label"]).mean(), logits
     trace = engines.run(module, params, images, config.time_steps, engine=config.engine,
                         chunk=config.chunk, remat=config.remat)
     counts = trace.out_spikes.sum(0)                                      # (B, K)
@@ -141,9 +148,9 @@ def make_train_step(module, config, tx, info, mesh):
     (loss, counts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss,
-               "accuracy": jnp.mean(jnp.argmax(counts, -1) == batch["label"]),
-               "output_rate": jnp.mean(counts) / config.time_steps}
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(counts, -1) == batch["label"])}
+    if not relu_twin:
+      metrics["output_rate"] = jnp.mean(counts) / config.time_steps
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   replicated = NamedSharding(mesh, P())
@@ -283,10 +290,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"({jax.process_count()} process(es)) | {steps_per_epoch} steps/epoch, "
           f"{total_steps} total" + (f" | resumed at step {start}" if start else ""), flush=True)
 
+  relu_twin = twin.check_neuron(config.get("neuron", "bddi")) == "relu"
   train_step = make_train_step(module, config, tx, info, mesh)
   eval_step = evaluate_lib.make_eval_step(
       module, time_steps=config.eval_time_steps, mean=info.mean, std=info.std, loss=config.loss,
-      logit_scale=config.logit_scale, engine=config.engine, chunk=config.chunk)
+      logit_scale=config.logit_scale, engine=config.engine, chunk=config.chunk,
+      neuron=config.get("neuron", "bddi"))
   writer = MetricWriter(workdir)
   preempt = _Preemption()
   bar = _progress(total_steps, start)
@@ -335,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         result = evaluate_lib.summarize(
             evaluate_lib.evaluate(eval_step, state.params,
                                   input_pipeline.create_eval_iter(config, info), mesh),
-            module, config.eval_time_steps)
+            module, 1 if relu_twin else config.eval_time_steps)
         result["epoch"] = step / steps_per_epoch
         writer.write(step, "eval", {k: v for k, v in result.items() if k != "sparsity"})
         is_best = result["top1"] > best_top1
@@ -343,7 +352,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if jax.process_index() == 0:
           msg = (f"step {step} (epoch {result['epoch']:.2f}): top-1 {result['top1']:.4f}, "
                  f"top-5 {result['top5']:.4f}, loss {result['loss']:.4f} "
-                 f"(T={config.eval_time_steps}, {result['n']} test images)")
+                 f"({'ReLU twin' if relu_twin else f'T={config.eval_time_steps}'}, "
+                 f"{result['n']} test images)")
           (bar.write if bar is not None else print)(msg)
       if step % config.checkpoint_every == 0 or end_of_epoch or stop:
         check_window(step)  # never checkpoint a non-finite state

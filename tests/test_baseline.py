@@ -1,0 +1,89 @@
+"""The seed's ReLU baseline ("twin"): its forward pass, training through the same loop, the
+side-by-side command, and its errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bitnet_jax import baseline
+from bitnet_jax import evaluate
+from bitnet_jax import trainer
+from bitnet_jax import twin
+from tests.test_train import ROOT, TINY, tiny_config
+
+
+def _conv(x, kernel, bias):
+  out = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     precision=jax.lax.Precision.HIGHEST)
+  return out + bias
+
+
+def _pool(x):
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def test_forward_is_relu_on_the_same_layers(tiny_model, images):
+  """Written out by hand: conv + ReLU per layer, 2x2 max pools after layer1, layer2 and layer4,
+  then the linear layer on the NHWC-flattened map (no ReLU on the logits)."""
+  p = tiny_model.params
+  x = jnp.asarray(images)
+  active = []
+  for name, pool in (("begin", False), ("layer1", True), ("layer2", True), ("layer3", False),
+                     ("layer4", True)):
+    x = jax.nn.relu(_conv(x, p[name]["kernel"], p[name]["bias"]))
+    active.append((x > 0).sum(axis=(1, 2, 3)))
+    x = _pool(x) if pool else x
+  logits = jnp.dot(x.reshape(x.shape[0], -1), p["mlp1"]["kernel"],
+                   precision=jax.lax.Precision.HIGHEST) + p["mlp1"]["bias"]
+  active.append((logits > 0).sum(-1))
+  got_logits, got_active = twin.forward(tiny_model.module, p, jnp.asarray(images))
+  np.testing.assert_allclose(got_logits, logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got_active, np.stack(active, -1))
+  assert got_logits.shape == (4, 10)
+
+
+def test_relu_twin_trains_through_the_same_loop(tmp_path):
+  config = tiny_config(neuron="relu", num_epochs=4, learning_rate=0.01)
+  result = trainer.train_and_evaluate(config, str(tmp_path))
+  assert result["time_steps"] == 1 and result["n"] == 20
+  assert result["top1"] >= 0.5, result  # 10 synthetic classes: chance is 0.1
+  assert all(0 <= s <= 100 for s in result["sparsity"])
+  train = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert "output_rate" not in train[0] and train[-1]["kind"] == "eval"
+  evaluated = evaluate.run_evaluation(config, workdir=str(tmp_path), which="latest")
+  assert evaluated["top1"] == result["top1"]
+
+
+def test_baseline_command_prints_the_twin_beside_the_bitnet(tmp_path):
+  bitnet = tmp_path / "bitnet"
+  bitnet.mkdir()
+  with open(bitnet / "metrics.jsonl", "w") as f:  # a BITnet run's validations
+    for epoch, top1 in ((1.0, 0.25), (2.0, 0.5)):
+      f.write(json.dumps({"step": int(8 * epoch), "kind": "eval", "epoch": epoch,
+                          "top1": top1}) + "\n")
+  out = subprocess.run(
+      [sys.executable, "-m", "bitnet_jax.baseline", "--config", "configs/default.py",
+       "--workdir", str(tmp_path / "twin"), "--bitnet_workdir", str(bitnet), *TINY],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert "ReLU twin" in out.stdout
+  relu = baseline.validation_top1(str(tmp_path / "twin"))
+  assert sorted(relu) == [1.0, 2.0]
+  table = out.stdout[out.stdout.index("| epoch |"):]
+  assert f"| 2 | {100 * relu[2.0]:.2f} % | 50.00 % | {100 * (0.5 - relu[2.0]):+.2f} |" in table
+
+
+def test_bad_neuron_is_rejected():
+  with pytest.raises(ValueError, match="neuron must be one of .*got 'lif'"):
+    trainer.validate_config(tiny_config(neuron="lif"))
+  with pytest.raises(ValueError, match="no time steps"):
+    evaluate.make_eval_step(None, time_steps=4, mean=(0.,), std=(1.,), neuron="relu",
+                            sweep=(2,))
