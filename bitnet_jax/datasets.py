@@ -16,11 +16,15 @@ classes, the image shape, split sizes and the normalisation statistics.
     not, directly in `data_dir`). They are small, so they are decoded into memory once.
     If only some of those files are there, that is an error (naming the missing ones), not a
     silent switch to TFDS.
-  - **TFDS** otherwise, with `data_dir` as the TFDS data dir ('' or None: TFDS's default):
-    `tfds.data_source` opens the prepared array_record files for random access; records are
-    read and decoded per batch, so nothing is loaded up front and no TensorFlow is needed to
-    *read*. Preparing a dataset the first time needs network access (and, for some datasets,
-    TensorFlow); if that fails the error says so and lists the local files to use instead.
+  - **TFDS** otherwise, with `data_dir` as the TFDS data dir ('' or None: TFDS's default,
+    $TFDS_DATA_DIR or ~/tensorflow_datasets), in any folder: the dataset must be prepared
+    there as ArrayRecord, the TFDS format with random access, once, by
+    `python -m bitnet_jax.prepare <name> --data_dir <dir>` (`bitnet_jax/prepare.py`: it
+    downloads and runs TFDS's builder, which needs TensorFlow, in a child process). Reading
+    opens the array_record files (`builder.as_data_source`) and decodes records per batch:
+    nothing is loaded up front, nothing is downloaded or prepared, and TensorFlow is never
+    imported. A missing preparation, or one in TFRecord (what `tfds.load` writes), is an error
+    that names what was found and the command to run.
 * `tiny_imagenet`: the extracted `tiny-imagenet-200/` folder (or its parent). The 110k JPEGs
   are listed at start-up (cheap) and decoded lazily, per record, with PIL; grayscale JPEGs are
   converted to RGB. The 'test' split is the labelled `val/` folder.
@@ -41,6 +45,7 @@ values (MNIST 0.1307/0.3081, Fashion-MNIST 0.2860/0.3530).
 import dataclasses
 import functools
 import gzip
+import json
 import os
 import pickle
 import zipfile
@@ -649,20 +654,68 @@ def _tiny_imagenet_sources(root: str) -> dict[str, ImageFileSource]:
 # TFDS.
 
 
-def _open_tfds(name: str, split: str, data_dir: str | None) -> TfdsSource:
-  """Opens a prepared TFDS dataset (array_record), preparing it first if needed."""
+TFDS_NAMES = _TFDS_NAMES  # the datasets read through TFDS (and prepared by bitnet_jax.prepare)
+_TFDS_FORMAT = "array_record"  # the one TFDS file format with random access that we read
+
+
+def _tfds_builder(name: str, data_dir: str | None):
+  """TFDS's builder of `name` in `data_dir` (None: TFDS's default).
+
+  Its file format is the one of the preparation found there (dataset_info.json), if any.
+  Building it neither downloads, prepares nor imports TensorFlow.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  return tfds.builder(name, data_dir=data_dir)
+
+
+def tfds_prepared(name: str, data_dir: str | None) -> tuple[str, tuple[str, ...]]:
+  """Where TFDS keeps `name` in `data_dir`, and the file formats prepared there.
+
+  Args:
+    name: one of `TFDS_NAMES`.
+    data_dir: the TFDS data dir; '' or None: TFDS's default ($TFDS_DATA_DIR or
+      ~/tensorflow_datasets).
+
+  Returns:
+    (the version folder `<data_dir>/<name>/<version>`, the file formats its dataset_info.json
+    lists, e.g. ('array_record',) or ('tfrecord',); () when nothing is prepared there).
+  """
+  builder = _tfds_builder(name, data_dir or None)
+  info_file = builder.data_path / "dataset_info.json"  # an etils epath: local or gs://
+  if not info_file.exists():  # no finished preparation (TFDS renames the folder at the end)
+    return str(builder.data_path), ()
+  info = json.loads(info_file.read_text())
+  formats = [info.get("fileFormat") or "tfrecord"] + list(info.get("alternativeFileFormats", []))
+  return str(builder.data_path), tuple(dict.fromkeys(formats))
+
+
+def _open_tfds(name: str, split: str, data_dir: str | None) -> TfdsSource:
+  """Opens split `split` of `name`, prepared as ArrayRecord in `data_dir`; never prepares it.
+
+  Raises:
+    FileNotFoundError: if `name` is not prepared as ArrayRecord there; the message says what
+      was found and the command that prepares it.
+  """
+  builder = _tfds_builder(name, data_dir)
   try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir)
+    source = builder.as_data_source(split=split, file_format=_TFDS_FORMAT)
   except Exception as e:  # pylint: disable=broad-except; TFDS raises many kinds here
-    where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
-    raise FileNotFoundError(
-        f"TFDS could not open or download/prepare {name!r} (split {split!r}) in {where}: "
-        f"{type(e).__name__}: {e}\n"
-        "Preparing a TFDS dataset the first time needs network access and, for some "
-        "datasets, TensorFlow (pip install tensorflow, or prepare it once in Colab and copy "
-        "the data dir). Alternatively download the original files and set config.data_dir to "
-        f'the folder holding them: {", ".join(_local_files(name))}.') from e
+    path, formats = tfds_prepared(name, data_dir)
+    root = builder.data_dir_root
+    if not formats:
+      raise FileNotFoundError(
+          f"TFDS dataset {name!r} is not prepared in {root} (no {path}/dataset_info.json). "
+          f"Prepare it once (this downloads it, and needs TensorFlow in that step only):\n"
+          f"  python -m bitnet_jax.prepare {name} --data_dir {root}\n"
+          "Or download the original files and set config.data_dir to the folder holding them: "
+          f'{", ".join(_local_files(name))}.') from e
+    if _TFDS_FORMAT not in formats:
+      raise FileNotFoundError(
+          f"{path} holds a {'/'.join(formats)} preparation of TFDS dataset {name!r} (e.g. left "
+          f"by tfds.load), not ArrayRecord, the format read here. Replace it:\n"
+          f"  python -m bitnet_jax.prepare {name} --data_dir {root} --overwrite") from e
+    raise FileNotFoundError(f"TFDS cannot open split {split!r} of the ArrayRecord files of "
+                            f"{name!r} in {path}: {type(e).__name__}: {e}") from e
   return TfdsSource(source, name, split)
 
 

@@ -2,9 +2,10 @@
 
 The fixtures write tiny copies of the real distributed layouts (CIFAR python pickles, IDX files,
 Tiny-ImageNet folders) into tmp_path; TFDS is exercised with `tfds.testing.mock_data`, without
-network or TensorFlow. Datasets built with `_id_npz` encode each example's id in its pixels
-(channel 0 = id // 256, channel 1 = id % 256, everywhere), so tests can tell which examples a
-batch holds even after crop_flip (the centre pixel always comes from the image).
+network or TensorFlow (tests/test_prepare.py prepares and reads a real TFDS dataset). Datasets
+built with `_id_npz` encode each example's id in its pixels (channel 0 = id // 256, channel 1 =
+id % 256, everywhere), so tests can tell which examples a batch holds even after crop_flip (the
+centre pixel always comes from the image).
 """
 
 import gzip
@@ -689,16 +690,16 @@ def test_npz_missing_or_not_a_zip(tmp_path):
     datasets.get_dataset_info(_config(dataset="npz", data_dir=str(tmp_path / "y.npz")))
 
 
-def test_tfds_cannot_download(tmp_path, monkeypatch):
-  tfds = pytest.importorskip("tensorflow_datasets")
-
-  def offline(*args, **kwargs):
-    raise ModuleNotFoundError("No module named 'tensorflow'")
-  monkeypatch.setattr(tfds, "data_source", offline)
+def test_tfds_not_prepared(tmp_path):
+  """A TFDS dataset missing from the data dir is an error that says what to run; it is never
+  downloaded or prepared while reading (that needs TensorFlow: bitnet_jax/prepare.py)."""
+  pytest.importorskip("tensorflow_datasets")
   with pytest.raises(FileNotFoundError, match=(
-      rf"(?s)TFDS could not open or download/prepare 'cifar10' \(split 'train'\) in {tmp_path}.*"
-      r"network access.*TensorFlow.*config.data_dir.*cifar-10-batches-py/data_batch_1")):
+      rf"(?s)TFDS dataset 'cifar10' is not prepared in {tmp_path} \(no {tmp_path}/cifar10/.*"
+      rf"dataset_info.json\).*python -m bitnet_jax.prepare cifar10 --data_dir {tmp_path}\n.*"
+      r"config.data_dir.*cifar-10-batches-py/data_batch_1")):
     datasets.get_dataset_info(_config(dataset="cifar10", data_dir=str(tmp_path)))
+  assert os.listdir(tmp_path) == []  # nothing downloaded or written
 
 
 def test_bad_pipeline_settings(tmp_path, monkeypatch):
