@@ -138,7 +138,7 @@ def _load(args):
   with np.load(args.batch_file) as f:
     images, labels = f["images"], f["labels"]
   module = models.BITnet6(fs=args.fs, num_classes=args.classes, sparse=args.synapse == "sparse",
-                          **models.compute_dtype(args.dtype))
+                          precision=args.precision, **models.compute_dtype(args.dtype))
   return module, params, images, labels
 
 
@@ -153,7 +153,7 @@ def child_train(args) -> dict:
   config = default.get_config()
   config.update(fs=args.fs, time_steps=args.steps, batch_size=len(images), engine=args.engine,
                 remat=args.remat, chunk=args.chunk, compute_dtype=args.dtype,
-                synapses=args.synapse, optimizer="sgd",
+                synapses=args.synapse, matmul_precision=args.precision, optimizer="sgd",
                 learning_rate=0.01, momentum=0.9, weight_decay=0.0, grad_clip=0.0,
                 schedule="constant", warmup_epochs=0.0)
   info = datasets.DatasetInfo(name="synthetic", num_classes=args.classes,
@@ -243,12 +243,12 @@ def _jax(kind, args, files, steps, engine, remat, chunk, dtype, iters,
   argv = ["-m", "benchmarks.compare", "--child", kind, "--weights", files[0], "--batch_file",
           files[1], "--fs", str(args.fs), "--classes", str(args.classes), "--steps", str(steps),
           "--engine", engine, "--remat", remat, "--chunk", str(chunk), "--dtype", dtype,
-          "--synapse", synapses, "--iters", str(iters)]
+          "--synapse", synapses, "--iters", str(iters), "--precision", args.precision]
   result = _run_child(argv, args.timeout)
   config = (f"{engine}, remat={remat}, chunk={chunk}" if kind == "train" else
             f"{engine}, chunk={chunk}" if engine == "parallel" else engine)
   result.update(framework="jax", mode=kind, steps=steps, dtype=dtype, synapses=synapses,
-                config=f"{config}, {synapses} synapses")
+                precision=args.precision, config=f"{config}, {synapses} synapses")
   return result
 
 
@@ -307,6 +307,8 @@ def main(argv=None):
   p.add_argument("--eval_chunk", type=int, default=10,
                  help="JAX evaluation, parallel engine: steps per chunk")
   p.add_argument("--dtypes", default="float32", help="JAX compute dtypes, comma separated")
+  p.add_argument("--precision", default="highest",
+                 help="JAX matmul_precision: highest | high | default (TF32 on Ampere+ GPUs)")
   p.add_argument("--synapses", default="dense,sparse",
                  help="JAX synapses, comma separated: dense (XLA's convolutions) and/or sparse "
                       "(spike_conv's zero-skipping CPU kernel; float32 only)")

@@ -9,8 +9,9 @@
 #   bash benchmarks/gpu.sh --iters 5               # extra flags go to benchmarks/compare.py
 #   BITNET_BENCH_SMOKE=1 bash benchmarks/gpu.sh    # any machine, tiny sizes: checks that it runs
 #
-# Note: XLA runs float32 convolutions on NVIDIA GPUs in TF32 by default (10-bit mantissa); for
-# float32 spikes that match the CPU, set JAX_DEFAULT_MATMUL_PRECISION=highest (slower).
+# Note: float32 rows are true float32 (matmul_precision=highest, the default: the CPU's spikes);
+# add --precision default for XLA's GPU default, TF32 convolutions (10-bit mantissa inputs),
+# which is what the README's H200 table of 2026-11-28 measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import jax; print('devices:', jax.devices())"
