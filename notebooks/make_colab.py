@@ -338,12 +338,13 @@ def _cells() -> list:
 
         `CHECKPOINT` is a `.ckpt` of the original PyTorch release (e.g. copied to Drive), for the
         architecture of `CONFIG`. It is read without PyTorch and without running its pickle, then
-        evaluated with the per-layer sparsity table (the seed's CIFAR-10 BITnet6: 94.37 % at T=50).
+        evaluated at the config's own T (`eval_time_steps`, 50 for CIFAR-10, where the seed
+        reports 94.37 % for BITnet6 over the whole test split) with the per-layer sparsity table.
       """),
       _code("release", """
         if CHECKPOINT:
           run(sys.executable, "eval.py", "--config", CONFIG_FILE, "--torch_checkpoint", CHECKPOINT,
-              "--steps", EVAL_STEPS, "--sparsity", *COMMON)
+              "--sparsity", *COMMON)
         else:
           print("CHECKPOINT is empty: skipped (set it to a release .ckpt and run this cell)")
       """),

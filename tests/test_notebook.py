@@ -25,7 +25,7 @@ from bitnet_jax import torch_checkpoint  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "colab.ipynb"
-CELL_TIMEOUT_S = 300  # per cell; this whole file took 81 s on the shared 2-core CPU
+CELL_TIMEOUT_S = 300  # per cell; this whole file: 113 s wall, 45 s CPU (2 shared cores, load 11)
 
 
 def _generator():
