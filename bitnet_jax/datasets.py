@@ -48,6 +48,7 @@ import gzip
 import json
 import os
 import pickle
+import shlex
 import zipfile
 from typing import Any, Protocol, Sequence
 
@@ -701,10 +702,11 @@ def _open_tfds(name: str, split: str, data_dir: str | None) -> TfdsSource:
     source = builder.as_data_source(split=split, file_format=_TFDS_FORMAT)
   except Exception as e:  # pylint: disable=broad-except; TFDS raises many kinds here
     path, formats = tfds_prepared(name, data_dir)
-    root = builder.data_dir_root
+    root = shlex.quote(str(builder.data_dir_root))  # as typed in a shell
     if not formats:
       raise FileNotFoundError(
-          f"TFDS dataset {name!r} is not prepared in {root} (no {path}/dataset_info.json). "
+          f"TFDS dataset {name!r} is not prepared in {builder.data_dir_root} (no "
+          f"{path}/dataset_info.json). "
           f"Prepare it once (this downloads it, and needs TensorFlow in that step only):\n"
           f"  python -m bitnet_jax.prepare {name} --data_dir {root}\n"
           "Or download the original files and set config.data_dir to the folder holding them: "

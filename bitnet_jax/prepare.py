@@ -10,8 +10,9 @@ training the same folder as `--config.data_dir`. TFDS downloads the files (netwo
 TFDS's builders need TensorFlow to prepare (tf.io.gfile, PNG encoding), but not to read. So
 `download_and_prepare` runs in a child process (`sys.executable`) with the accelerators hidden
 from it (CUDA_VISIBLE_DEVICES='', JAX_PLATFORMS=cpu): the training process never imports
-TensorFlow, and TensorFlow never takes GPU memory. Without TensorFlow the child stops at once
-and the error names the fix (`pip install tensorflow-cpu`).
+TensorFlow, and TensorFlow never takes GPU memory. Without TensorFlow (or importlib_resources,
+which TFDS needs here but does not install) nothing starts and the error names the fix
+(`pip install tensorflow-cpu`; where a `tensorflow` package is installed, that one works too).
 
 A dataset already prepared as ArrayRecord is left as it is (nothing runs). A TFRecord
 preparation (e.g. left by `tfds.load`) in the same place is an error, because TFDS would reuse
@@ -21,11 +22,15 @@ Test hook: when the environment variable BITNET_JAX_TEST_DOWNLOADS_FROM names a 
 takes each file TFDS would download from that folder (matched by the URL's file name), without
 checksum checks; everything after the download (extraction, example generation, writing) is
 TFDS's own code. tests/test_prepare.py uses it to prepare the real `fashion_mnist` builder
-offline from Debian's copy of the same files. It is not meant for anything else.
+offline from Debian's copy of the same files; BITNET_JAX_TEST_MAX_EXAMPLES_PER_SPLIT=N keeps only
+the first N examples of each split (TFDS's `max_examples_per_split`) to keep that test fast.
+Neither is meant for anything else.
 """
 
 import argparse
+import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -35,19 +40,20 @@ from etils import epath
 from bitnet_jax import datasets
 
 NAMES = datasets.TFDS_NAMES
-# TFDS's builders also import importlib_resources, which TFDS 4.9.10 declares only for
-# Python < 3.9 (tensorflow/datasets#11212).
-PIP_TENSORFLOW = "pip install tensorflow-cpu importlib_resources"
+# What preparing imports beyond requirements.txt, and the pip package of each. TFDS's builders
+# need importlib_resources, which TFDS 4.9.10 declares only for Python < 3.9
+# (tensorflow/datasets#11212).
+NEEDS = {"tensorflow": "tensorflow-cpu", "importlib_resources": "importlib_resources"}
 TEST_DOWNLOADS_ENV = "BITNET_JAX_TEST_DOWNLOADS_FROM"
 TEST_MAX_EXAMPLES_ENV = "BITNET_JAX_TEST_MAX_EXAMPLES_PER_SPLIT"
-_NO_TENSORFLOW = 3  # exit status of the child when TensorFlow cannot be imported
+_CANNOT_IMPORT = 3  # exit status of the child when it cannot import a module of NEEDS
 
 
-def command(name: str, data_dir: str | None, overwrite: bool = False) -> str:
+def _command(name: str, data_dir: str | None, overwrite: bool = False) -> str:
   """The shell command that prepares `name` in `data_dir` (for messages)."""
   cmd = f"python -m bitnet_jax.prepare {name}"
   if data_dir:
-    cmd += f" --data_dir {data_dir}"
+    cmd += f" --data_dir {shlex.quote(data_dir)}"
   return cmd + (" --overwrite" if overwrite else "")
 
 
@@ -69,12 +75,16 @@ def prepare(name: str, data_dir: str | None = None, *, overwrite: bool = False,
   Raises:
     ValueError: if `name` is not one of `NAMES`.
     FileExistsError: if a preparation in another format is there and not `overwrite`.
-    ModuleNotFoundError: if TensorFlow is not installed (the message names the pip command).
+    ModuleNotFoundError: if TensorFlow or importlib_resources cannot be imported (the message
+      names the pip command).
     RuntimeError: if the child fails otherwise (its output is above the error).
     subprocess.TimeoutExpired: if the child runs longer than `timeout_s`.
   """
   if name not in NAMES:
     raise ValueError(f"Cannot prepare {name!r}: expected one of {', '.join(NAMES)}.")
+  missing = [module for module in NEEDS if importlib.util.find_spec(module) is None]
+  if missing:
+    raise ModuleNotFoundError(_needs(name, f"not installed here: {', '.join(missing)}", missing))
   if data_dir and "://" not in data_dir:  # a local folder, not e.g. gs://bucket/tfds
     data_dir = os.path.abspath(os.path.expanduser(data_dir))
   path, formats = datasets.tfds_prepared(name, data_dir or None)
@@ -84,7 +94,7 @@ def prepare(name: str, data_dir: str | None = None, *, overwrite: bool = False,
   if formats and not overwrite:
     raise FileExistsError(
         f"{path} holds a {'/'.join(formats)} preparation of {name}, not ArrayRecord; TFDS would "
-        f"reuse it. Replace it with `{command(name, data_dir, overwrite=True)}` (the downloads "
+        f"reuse it. Replace it with `{_command(name, data_dir, overwrite=True)}` (the downloads "
         "are kept), or choose another --data_dir.")
   if formats:  # TFDS cannot change the format of a preparation in place
     print(f"Removing the {'/'.join(formats)} preparation in {path} (--overwrite).", flush=True)
@@ -99,11 +109,9 @@ def prepare(name: str, data_dir: str | None = None, *, overwrite: bool = False,
   if data_dir:
     child += ["--data_dir", data_dir]
   status = subprocess.run(child, env=env, timeout=timeout_s, check=False).returncode
-  if status == _NO_TENSORFLOW:
-    raise ModuleNotFoundError(
-        f"Preparing {name} needs TensorFlow (TFDS's builder uses it to write the files; "
-        f"training does not), and it cannot be imported here (the reason is above). Install it "
-        f"with: {PIP_TENSORFLOW}")
+  if status == _CANNOT_IMPORT:
+    raise ModuleNotFoundError(_needs(name, "the child process cannot import one of them; the "
+                                     "reason is above", list(NEEDS)))
   if status != 0:
     raise RuntimeError(f"Preparing {name} in {path} failed: the child process exited with "
                        f"status {status}; its output is above.")
@@ -115,6 +123,13 @@ def prepare(name: str, data_dir: str | None = None, *, overwrite: bool = False,
   return path
 
 
+def _needs(name: str, found: str, modules: list[str]) -> str:
+  """The message for missing modules of NEEDS: what was found and the one pip command."""
+  return (f"Preparing {name} needs TensorFlow (TFDS's builder writes the files with it; training "
+          f"does not) and importlib_resources ({found}). Install with: "
+          f"pip install {' '.join(NEEDS[m] for m in modules)}")
+
+
 def _child(name: str, data_dir: str | None) -> None:
   """Runs TFDS's download_and_prepare (ArrayRecord); the body of the child process."""
   try:
@@ -122,7 +137,7 @@ def _child(name: str, data_dir: str | None) -> None:
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     print(f"Cannot import a module that preparing needs: {e}", file=sys.stderr, flush=True)
-    sys.exit(_NO_TENSORFLOW)
+    sys.exit(_CANNOT_IMPORT)
   tf.config.set_visible_devices([], "GPU")  # belt and braces with CUDA_VISIBLE_DEVICES=''
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   if os.environ.get(TEST_DOWNLOADS_ENV):
@@ -136,7 +151,6 @@ def _child(name: str, data_dir: str | None) -> None:
 def _serve_downloads_from(folder: str) -> None:
   """Test hook: TFDS's DownloadManager takes each URL's file from `folder` (no checksums)."""
   import promise  # pylint: disable=import-outside-toplevel
-  from etils import epath  # pylint: disable=import-outside-toplevel
   from tensorflow_datasets.core.download import download_manager  # pylint: disable=import-outside-toplevel
 
   def local_file(self, resource):  # replaces DownloadManager._download_or_get_cache

@@ -33,7 +33,7 @@ HOOKS = {prepare.TEST_DOWNLOADS_ENV: DEBIAN, prepare.TEST_MAX_EXAMPLES_ENV: str(
 
 needs_tensorflow = pytest.mark.skipif(
     importlib.util.find_spec("tensorflow") is None or not os.path.isdir(DEBIAN),
-    reason=f"preparing needs TensorFlow ({prepare.PIP_TENSORFLOW}) and Debian's "
+    reason=f"preparing needs TensorFlow (pip install tensorflow-cpu) and Debian's "
     f"dataset-fashion-mnist in {DEBIAN}")
 
 # A TFRecord preparation, as `tfds.load` leaves it (TFDS's default format), from the same files.
@@ -176,27 +176,44 @@ def test_unprepared_dataset_says_what_to_run(tmp_path):
 
 
 def test_missing_tensorflow_names_the_pip_command(no_tensorflow, tmp_path):
+  """TensorFlow that cannot be imported (a shim here) stops the child before any download."""
   out = _run(["-m", "bitnet_jax.prepare", "mnist", "--data_dir", str(tmp_path)],
              env=no_tensorflow, timeout=300)
   assert out.returncode != 0
   assert "Cannot import a module that preparing needs: tensorflow is hidden" in out.stderr
   assert out.stderr.rstrip().endswith(
-      "Error: Preparing mnist needs TensorFlow (TFDS's builder uses it to write the files; "
-      "training does not), and it cannot be imported here (the reason is above). Install it "
-      "with: pip install tensorflow-cpu importlib_resources")
+      "Error: Preparing mnist needs TensorFlow (TFDS's builder writes the files with it; "
+      "training does not) and importlib_resources (the child process cannot import one of "
+      "them; the reason is above). Install with: pip install tensorflow-cpu importlib_resources")
   assert datasets.tfds_prepared("mnist", str(tmp_path))[1] == ()
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("absent, pip", [
+    (("tensorflow",), "pip install tensorflow-cpu"),
+    (("tensorflow", "importlib_resources"), "pip install tensorflow-cpu importlib_resources")])
+def test_not_installed_names_the_pip_command(absent, pip, monkeypatch, tmp_path):
+  """Modules that are not installed at all are found before any child process starts."""
+  find_spec = prepare.importlib.util.find_spec
+  monkeypatch.setattr(prepare.importlib.util, "find_spec",
+                      lambda module: None if module in absent else find_spec(module))
+  monkeypatch.setattr(prepare.subprocess, "run", None)  # a child would fail loudly
+  with pytest.raises(ModuleNotFoundError, match=(
+      rf"needs TensorFlow .*\(not installed here: {', '.join(absent)}\)\. Install with: {pip}$")):
+    prepare.prepare("cifar100", str(tmp_path))
 
 
 def test_child_process_runs_without_accelerators(monkeypatch, tmp_path):
-  """The child gets the accelerators hidden; its exit status 3 (no TensorFlow) is mapped."""
-  pytest.importorskip("tensorflow_datasets")
+  """The child gets the accelerators hidden; its exit status 3 (cannot import) is mapped."""
   calls = []
 
   def fake_run(cmd, env, timeout, check):
     calls.append((cmd, env, timeout, check))
     return subprocess.CompletedProcess(cmd, 3)
   monkeypatch.setattr(prepare.subprocess, "run", fake_run)
-  with pytest.raises(ModuleNotFoundError, match="Install it with: pip install tensorflow-cpu"):
+  monkeypatch.setattr(prepare.importlib.util, "find_spec", lambda module: object())  # installed
+  monkeypatch.setattr(prepare.datasets, "tfds_prepared", lambda name, data_dir: ("x", ()))
+  with pytest.raises(ModuleNotFoundError, match="Install with: pip install tensorflow-cpu"):
     prepare.prepare("cifar10", str(tmp_path), timeout_s=5)
   (cmd, env, timeout, check), = calls
   assert cmd == [sys.executable, "-m", "bitnet_jax.prepare", "cifar10", "--child", "--data_dir",
