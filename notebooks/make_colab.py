@@ -64,7 +64,8 @@ def _cells() -> list:
 
         Edit them here, or let papermill-style tools override them (this cell is tagged
         `parameters`). The defaults train the seed's CIFAR-10 model (`configs/cifar10.py`, fs=4,
-        T=50) for a few steps only: a demonstration, not the seed's 200-epoch training.
+        T=50) for a few steps only: a demonstration, not a full training (the config's
+        `num_epochs` is 200).
       """),
       _code("params", f"""
         REPO_URL = "{REPO_URL}"  # cloned only when not already inside a checkout
