@@ -151,7 +151,8 @@ def _child(name: str, data_dir: str | None) -> None:
 def _serve_downloads_from(folder: str) -> None:
   """Test hook: TFDS's DownloadManager takes each URL's file from `folder` (no checksums)."""
   import promise  # pylint: disable=import-outside-toplevel
-  from tensorflow_datasets.core.download import download_manager  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from tensorflow_datasets.core.download import download_manager
 
   def local_file(self, resource):  # replaces DownloadManager._download_or_get_cache
     del self
@@ -162,7 +163,8 @@ def _serve_downloads_from(folder: str) -> None:
     return promise.Promise.resolve(path)
 
   print(f"Test hook: TFDS downloads are served from {folder}.", flush=True)
-  download_manager.DownloadManager._download_or_get_cache = local_file  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  download_manager.DownloadManager._download_or_get_cache = local_file
 
 
 def main(argv: list[str] | None = None) -> None:
