@@ -14,6 +14,10 @@ Thin entry point: the logic lives in `bitnet_jax.evaluate`.
   --sparsity           the seed's table: % zeros of each layer's spike output
   --score count|potential  argmax of counts (the release, first maximum on ties) or counts +
                        final membrane potential (breaks ties)
+  --distributed, or --coordinator_address H:P --num_processes N --process_id I
+                       a multi-process evaluation (as in train.py): every process runs the same
+                       command; the test split is split over all processes' devices, process 0
+                       prints and writes --json/--plot
 """
 
 import json
@@ -36,13 +40,25 @@ _SPARSITY = flags.DEFINE_bool("sparsity", False, "Print the per-layer sparsity t
 _SCORE = flags.DEFINE_enum("score", "count", ["count", "potential"], "How classes are scored.")
 _JSON = flags.DEFINE_string("json", None, "Write the metrics to this JSON file.")
 _PLOT = flags.DEFINE_string("plot", None, "PNG path of the sweep plot.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 "
+                                   "(multi-process runs without a scheduler).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
+_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300, "Seconds to wait for the other "
+                                "processes (connect, heartbeat, exit).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  from bitnet_jax import evaluate, plots  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from bitnet_jax import distributed, evaluate, plots  # pylint: disable=import-outside-toplevel
+  if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value is not None or (
+      _PROCESS_ID.value is not None):
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           _TIMEOUT.value)
   if not (_WORKDIR.value or _TORCH.value):
     raise app.UsageError("give --workdir (a training run) or --torch_checkpoint (a .ckpt)")
   try:
@@ -57,6 +73,8 @@ def main(argv):
       config, workdir=None if _TORCH.value else _WORKDIR.value, which=_WHICH.value,
       checkpoint_step=_STEP.value, torch_checkpoint=_TORCH.value, sweep=sweep,
       score=_SCORE.value)
+  if jax.process_index() != 0:  # every process computed the same result; one reports it
+    return
   print(f"{result['dataset']}: {result['n']} test images, T={result['time_steps']}, "
         f"score={result['score']} | top-1 {100 * result['top1']:.2f}% | "
         f"top-5 {100 * result['top5']:.2f}% | loss {result['loss']:.4f} | "

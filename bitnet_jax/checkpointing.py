@@ -14,7 +14,9 @@ saving leaves the previous checkpoints intact.
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 ARCH_FIELDS = ("variant", "fs", "num_classes", "img_size", "in_channels")
 
@@ -40,12 +42,21 @@ class Checkpoints:
 
   def __init__(self, workdir: str, keep: int = 2):
     workdir = os.path.abspath(workdir)
+    # With several processes every save ends at a barrier named after its step; the two managers
+    # save the same step at the end of an epoch, so their barriers need distinct names (else the
+    # second fails with "Barrier _async_write_complete.<step> is already ongoing").
     self.latest = ocp.CheckpointManager(
         os.path.join(workdir, "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix="latest")))
     self.best = ocp.CheckpointManager(
         os.path.join(workdir, "best"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix="best")))
 
   @staticmethod
   def _save(manager, step, state, data_state, meta):
@@ -89,7 +100,8 @@ def load_params(workdir: str, which: str = "best", step: int | None = None):
     step: a specific step in workdir/checkpoints (overrides `which`).
 
   Returns:
-    (params, meta): params as a nested dict of arrays, meta with "config", "arch", "step".
+    (params, meta): params as a nested dict of arrays replicated on every device of every
+    process, meta with "config", "arch", "step".
   """
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
@@ -99,15 +111,23 @@ def load_params(workdir: str, which: str = "best", step: int | None = None):
     path = os.path.join(workdir, name)
     if not os.path.isdir(path):
       continue
-    manager = ocp.CheckpointManager(path)
+    manager = ocp.CheckpointManager(path, item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler()})
     steps = manager.all_steps()
     if step is not None and step not in steps:
       raise FileNotFoundError(f"no checkpoint of step {step} in {path}; found steps {steps}")
     chosen = step if step is not None else manager.latest_step()
     if chosen is None:
       continue
+    # Restored replicated on this run's devices: without a target orbax would rebuild the saving
+    # run's sharding, whose devices need not exist here (another process or device count).
+    replicated = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec())
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        manager.item_metadata(chosen)["state"])
     out = manager.restore(chosen, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     manager.close()
     params = jax.tree_util.tree_map(lambda x: x, out.state["params"])
     return params, dict(out.meta, step=int(chosen), source=os.path.join(path, str(chosen)))
