@@ -32,9 +32,9 @@ N = 256  # examples kept per split
 HOOKS = {prepare.TEST_DOWNLOADS_ENV: DEBIAN, prepare.TEST_MAX_EXAMPLES_ENV: str(N)}
 
 needs_tensorflow = pytest.mark.skipif(
-    importlib.util.find_spec("tensorflow") is None or not os.path.isdir(DEBIAN),
-    reason=f"preparing needs TensorFlow (pip install tensorflow-cpu) and Debian's "
-    f"dataset-fashion-mnist in {DEBIAN}")
+    any(importlib.util.find_spec(m) is None for m in prepare.NEEDS) or not os.path.isdir(DEBIAN),
+    reason="preparing needs TensorFlow and importlib_resources (pip install tensorflow-cpu "
+    f"importlib_resources) and Debian's dataset-fashion-mnist in {DEBIAN}")
 
 # A TFRecord preparation, as `tfds.load` leaves it (TFDS's default format), from the same files.
 _TFRECORD_SCRIPT = """
