@@ -35,7 +35,7 @@ def layer_inputs(module, params, images, steps: int) -> dict:
       if spec.name not in ("begin", "mlp1"):
         inputs[spec.name] = x
       spike, states[i] = neuron.bddi(states[i], pred0 if i == 0 else synapse(spec.name, x))
-      x = models.maxpool(spike) if spec.pool else spike
+      x = neuron.maxpool(spike) if spec.pool else spike
   return inputs
 
 

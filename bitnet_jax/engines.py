@@ -79,15 +79,15 @@ def check_inputs(module: models.BITnet6, images, steps):
     raise ValueError(f"steps (time steps T) must be an int >= 1, got {steps!r}")
 
 
-def run(module: models.BITnet6, params, images: jax.Array, steps: int, *,
+def run(module: models.BITnet6, params, images: jax.Array, time_steps: int, *,
         engine: str = "parallel", chunk: int = 0, remat: str = "none") -> Trace:
-  """Runs `module` for `steps` time steps on normalised images.
+  """Runs `module` for `time_steps` time steps on normalised images.
 
   Args:
     module: a BITnet6 / BITnet6_v101.
     params: its parameters (the `params` collection).
     images: (B, H, W, C) normalised images.
-    steps: number of time steps T.
+    time_steps: number of time steps T.
     engine: "scan" or "parallel".
     chunk: parallel engine only: time steps per chunk; 0 = all steps in one chunk.
     remat: what backprop keeps, see the module docstring.
@@ -95,22 +95,31 @@ def run(module: models.BITnet6, params, images: jax.Array, steps: int, *,
   Returns:
     A `Trace`; the class scores of the release are `trace.out_spikes.sum(0)`.
   """
-  check_inputs(module, images, steps)
+  check_inputs(module, images, time_steps)
   k = parse_remat(engine, remat, module.surrogate)
   if not (isinstance(chunk, int) and chunk >= 0):
     raise ValueError(f"chunk (time steps per chunk) must be an int >= 0, got {chunk!r}")
   synapse = functools.partial(module.apply, {"params": params}, method=module.synapse)
-  fire = functools.partial(neuron.bddi, surrogate=module.surrogate)  # one bddi step
-  plan = module.plan()
-  batch = images.shape[0]
-  states = tuple(jnp.zeros((batch,) + spec.shape, module.state_dtype) for spec in plan)
   pred0 = synapse("begin", images)  # (B, H, W, c1): the first layer's input never changes
+  states = _rest(module, images.shape[0])
   if engine == "scan":
-    return _scan(_layer_steps(module, params, plan, synapse, fire), pred0, states, steps, k)
+    return _scan(_layer_steps(module, params, synapse), pred0, states, time_steps, k)
   if k == "stream":
-    return Trace(*streaming.run(module, params, pred0, steps, chunk))
-  return _parallel(_layer_runs(module, params, plan, synapse, fire), pred0, states, steps,
-                   chunk or steps, k)
+    inner = {name: p for name, p in params.items() if name != "begin"}
+    if _chunk_lengths(time_steps, chunk)[1:] == (1, 0):  # one chunk: nothing to recompute
+      states, out, fired = _lean_chunk(module, inner, pred0, states, time_steps)
+      return Trace(out, fired, states[-1])
+    return Trace(*_streamed(module, inner, pred0, time_steps, chunk))
+  run_chunk = functools.partial(_chunk, _layer_runs(module, params, synapse), pred0)
+  if k == "chunk":
+    run_chunk = jax.checkpoint(run_chunk, static_argnums=(1,))
+  states, out, fired = _over_chunks(run_chunk, states, time_steps, chunk)
+  return Trace(out, fired, states[-1])
+
+
+def _rest(module, batch: int) -> tuple[jax.Array, ...]:
+  """Every layer's membranes at rest (zeros), (B,) + spec.shape each."""
+  return tuple(jnp.zeros((batch,) + spec.shape, module.state_dtype) for spec in module.plan())
 
 
 def _per_image_sum(spikes: jax.Array, leading: int) -> jax.Array:
@@ -119,45 +128,50 @@ def _per_image_sum(spikes: jax.Array, leading: int) -> jax.Array:
   return spikes.sum(axes)
 
 
-def _layer_runs(module, params, plan, synapse, fire):
-  """Per layer, `(x, state, n) -> (output, state, spikes per image)`: the layer run for n time
-  steps, where x is its input spikes (n, B, ...) (for `begin`, its constant pred (B, ...)) and
-  output its (pooled) spikes (n, B, ...).
+# ------------------------------------------------------------------------------------------
+# Layers. Per layer, a run `(x, state, n) -> (output, state, spikes per image)` advances it by n
+# time steps: x is its input spikes (n, B, ...) (for `begin`, its constant pred (B, ...)) and
+# output its (pooled) spikes (n, B, ...). `streaming.layer_runs` gives the lean `ste` ones.
 
-  Sparse models run each conv layer as one fused call (`spike_conv.layer`, or
-  `spike_conv.neuron` for `begin`).
-  """
+
+def _layer_runs(module, params, synapse):
+  """The layers of the parallel engine. Sparse models run each conv layer as one fused call
+  (`spike_conv.layer`, or `spike_conv.neuron` for `begin`)."""
+  surrogate = module.surrogate
+
   def dense(spec, x, state, n):
     if spec.name == "begin":
-      return layer_over_time(fire, state, spec.pool, const=x, length=n)
+      return neuron.layer_over_time(state, surrogate, spec.pool, const=x, length=n)
     flat = x.reshape((-1,) + x.shape[2:])                    # (n*B, H, W, C)
     pred = synapse(spec.name, flat)                          # one conv for n steps
     pred = pred.reshape(x.shape[:2] + pred.shape[1:])        # (n, B, ...)
-    return layer_over_time(fire, state, spec.pool, pred)
+    return neuron.layer_over_time(state, surrogate, spec.pool, pred)
 
   def fused(spec, x, state, n):
     if spec.name == "begin":
-      return spike_conv.neuron(x, state, n, spec.pool, module.surrogate)
+      return spike_conv.neuron(x, state, n, spec.pool, surrogate)
     layer, dtype = params[spec.name], module.state_dtype
     return spike_conv.layer(x, layer["kernel"].astype(dtype), layer["bias"].astype(dtype), state,
-                            spec.pool, module.surrogate)
+                            spec.pool, surrogate)
 
-  return tuple(functools.partial(fused if _fused(module, spec) else dense, spec) for spec in plan)
+  return tuple(functools.partial(fused if _fused(module, spec) else dense, spec)
+               for spec in module.plan())
 
 
-def _layer_steps(module, params, plan, synapse, fire):
+def _layer_steps(module, params, synapse):
   """Per layer, one time step `(x, state) -> (output, state, spikes per image)` for `scan`."""
   def dense(spec, x, state):
-    spike, state = fire(state, x if spec.name == "begin" else synapse(spec.name, x))
-    return (models.maxpool(spike) if spec.pool else spike), state, _per_image_sum(spike, 0)
+    pred = x if spec.name == "begin" else synapse(spec.name, x)
+    spike, state = neuron.bddi(state, pred, module.surrogate)
+    return (neuron.maxpool(spike) if spec.pool else spike), state, _per_image_sum(spike, 0)
 
   def fused(run, spec, x, state):
     out, state, count = run(x if spec.name == "begin" else x[None], state, 1)
     return out[0], state, count
 
-  runs = _layer_runs(module, params, plan, synapse, fire)
+  runs = _layer_runs(module, params, synapse)
   return tuple(functools.partial(fused, run, spec) if _fused(module, spec)
-               else functools.partial(dense, spec) for run, spec in zip(runs, plan))
+               else functools.partial(dense, spec) for run, spec in zip(runs, module.plan()))
 
 
 def _fused(module, spec) -> bool:
@@ -165,7 +179,11 @@ def _fused(module, spec) -> bool:
   return module.sparse and spec.name != "mlp1"
 
 
-def _scan(layer_steps, pred0, states, steps, remat):
+# ------------------------------------------------------------------------------------------
+# The scan engine.
+
+
+def _scan(layer_steps, pred0, states, time_steps, remat):
   def step(states, _):
     x, new_states, fired = pred0, [], []
     for layer_step, state in zip(layer_steps, states):
@@ -175,70 +193,132 @@ def _scan(layer_steps, pred0, states, steps, remat):
     return tuple(new_states), (x, jnp.stack(fired, -1))  # (B, classes), (B, 6)
 
   if remat == "none":
-    states, (out, fired) = jax.lax.scan(step, states, length=steps)
+    states, (out, fired) = jax.lax.scan(step, states, length=time_steps)
   elif remat == "step":
-    states, (out, fired) = jax.lax.scan(jax.checkpoint(step), states, length=steps)
+    states, (out, fired) = jax.lax.scan(jax.checkpoint(step), states, length=time_steps)
   else:  # every K steps: keep the states at block boundaries, recompute each block
     block = jax.checkpoint(lambda s, _: jax.lax.scan(step, s, length=remat))
-    states, (out, fired) = jax.lax.scan(block, states, length=steps // remat)
+    states, (out, fired) = jax.lax.scan(block, states, length=time_steps // remat)
     out, fired = out.reshape((-1,) + out.shape[2:]), fired.reshape((-1,) + fired.shape[2:])
-    if steps % remat:
-      states, (out_r, fired_r) = jax.lax.scan(step, states, length=steps % remat)
+    if time_steps % remat:
+      states, (out_r, fired_r) = jax.lax.scan(step, states, length=time_steps % remat)
       out, fired = jnp.concatenate([out, out_r]), jnp.concatenate([fired, fired_r])
   return Trace(out, fired.sum(0), states[-1])
 
 
-def _neuron_over_time(fire, state, preds=None, const=None, length=None):
-  """Steps one layer's neurons through time; preds (T, ...) or a constant pred (...)."""
-  def step(s, pred):
-    spike, s = fire(s, const if pred is None else pred)
-    return s, spike
-  state, spikes = jax.lax.scan(step, state, preds, length=length)
-  return spikes, state  # (T, ...) spikes, final state
+# ------------------------------------------------------------------------------------------
+# The chunk loop of the parallel engine (plain, remat="chunk" and remat="stream").
 
 
-def layer_over_time(fire, state, pool: bool, preds=None, const=None, length=None):
-  """A layer's neurons through time (`_neuron_over_time`), then its max pool and spike count.
+def _chunk(layer_runs, pred0, states, n):
+  """Advances all layers by n steps, one layer at a time.
 
   Returns:
-    (out, state, count): (T, B, ...) spikes, pooled if `pool`; the final state; (B,) spikes
-    per image over the T steps, before pooling. (The dense form of `spike_conv.layer`.)
+    (states, out (n, B, K) spikes of the last layer, fired (B, 6) spikes per layer and image).
   """
-  spikes, state = _neuron_over_time(fire, state, preds, const, length)
-  return (models.maxpool(spikes) if pool else spikes), state, _per_image_sum(spikes, 1)
-
-
-def _parallel_chunk(layer_runs, pred0, states, n):
-  """Advances all layers by n steps, one layer at a time."""
   x, new_states, fired = pred0, [], []
-  for run, state in zip(layer_runs, states):
-    x, state, count = run(x, state, n)
+  for run_layer, state in zip(layer_runs, states):
+    x, state, count = run_layer(x, state, n)
     new_states.append(state)
     fired.append(count)                                      # (B,)
-  return tuple(new_states), x, jnp.stack(fired, -1)          # states, (n, B, K), (B, 6)
+  return tuple(new_states), x, jnp.stack(fired, -1)
 
 
-def _parallel(layer_runs, pred0, states, steps, chunk, remat):
-  chunk = min(chunk, steps)
-  run_chunk = functools.partial(_parallel_chunk, layer_runs, pred0)
-  if remat == "chunk":
-    run_chunk = jax.checkpoint(run_chunk, static_argnums=(1,))
-  outs, fired = [], jnp.zeros((pred0.shape[0], len(layer_runs)), pred0.dtype)
-  n_chunks, rest = divmod(steps, chunk)
-  if n_chunks == 1:
-    states, out, f = run_chunk(states, chunk)
-    outs.append(out)
-    fired += f
+def _chunk_lengths(time_steps: int, chunk: int) -> tuple[int, int, int]:
+  """(chunk length, number of full chunks, length of the last partial chunk or 0)."""
+  chunk = min(chunk or time_steps, time_steps)
+  return (chunk,) + divmod(time_steps, chunk)
+
+
+def _over_chunks(run_chunk, states, time_steps: int, chunk: int):
+  """Runs `run_chunk(states, n) -> (states, out, fired)` over all time steps, chunk by chunk.
+
+  Full chunks run in a `lax.scan` (one compiled body whatever T is), except a single one, which
+  runs without a loop: its convolutions' weight gradients then stay out of loop bodies (XLA:CPU
+  runs those ~60x slower, jax issue #12868). A shorter last chunk runs after the loop.
+
+  Returns:
+    (final states, out (T, B, K), fired (B, 6)).
+  """
+  chunk, n_full, rest = _chunk_lengths(time_steps, chunk)
+  if n_full == 1:
+    states, out, fired = run_chunk(states, chunk)
   else:
     def body(carry, _):
       states, fired = carry
       states, out, f = run_chunk(states, chunk)
       return (states, fired + f), out
-    (states, fired), out = jax.lax.scan(body, (states, fired), length=n_chunks)
-    outs.append(out.reshape((-1,) + out.shape[2:]))
+
+    fired = jnp.zeros((states[0].shape[0], len(states)), states[0].dtype)
+    (states, fired), out = jax.lax.scan(body, (states, fired), length=n_full)
+    out = out.reshape((-1,) + out.shape[2:])                 # (n_full * chunk, B, K)
   if rest:
-    states, out, f = run_chunk(states, rest)
-    outs.append(out)
-    fired += f
-  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs)
-  return Trace(out, fired, states[-1])
+    states, out_r, fired_r = run_chunk(states, rest)
+    out, fired = jnp.concatenate([out, out_r]), fired + fired_r
+  return states, out, fired
+
+
+# ------------------------------------------------------------------------------------------
+# remat="stream": the chunk loop of the lean layers inside a custom_vjp whose backward re-runs
+# the chunks one at a time (see `streaming.py` for why this is exact under `ste`).
+
+
+def _lean_chunk(module, params, pred0, states, n):
+  """`_chunk` of `streaming.layer_runs` (params: every layer but `begin`)."""
+  return _chunk(streaming.layer_runs(module, params), pred0, states, n)
+
+
+def _streamed_forward(module, params, pred0, time_steps, chunk):
+  """All chunks in order, keeping nothing for a backward pass."""
+  run_chunk = functools.partial(_lean_chunk, module, params, pred0)
+  states, out, fired = _over_chunks(run_chunk, _rest(module, pred0.shape[0]), time_steps, chunk)
+  return out, fired, states[-1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _streamed(module, params, pred0, time_steps, chunk):
+  """`(params, pred0) -> (out_spikes (T, B, K), layer_spikes (B, 6), final_state (B, K))`.
+
+  Forward: the chunks one after another, carrying the states, keeping no activations (the
+  residuals are `params` and `pred0`). Backward: the chunks again, in order, carrying the
+  states; inside each, the vjp of that chunk with its slice of the `out_spikes` cotangent and
+  the `layer_spikes` cotangent, summed over chunks. Peak memory is one chunk's activations plus
+  the parameters, independent of T, for one extra forward pass. `final_state` has zero gradient
+  under `ste` in every engine (the neuron drops the membrane's cotangent), so its cotangent is
+  ignored here too. The `pred0` gradient leaves the custom_vjp and reaches the first
+  convolution once, outside the loop.
+  """
+  return _streamed_forward(module, params, pred0, time_steps, chunk)
+
+
+def _streamed_fwd(module, params, pred0, time_steps, chunk):
+  return _streamed_forward(module, params, pred0, time_steps, chunk), (params, pred0)
+
+
+def _streamed_bwd(module, time_steps, chunk, residual, cotangents):
+  params, pred0 = residual
+  g_out, g_fired, _ = cotangents  # (T, B, K), (B, 6); final_state: no gradient under ste
+  chunk, n_full, rest = _chunk_lengths(time_steps, chunk)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, (params, pred0))
+
+  def chunk_grads(states, g_out_chunk, n):
+    """This chunk's states after it, and its gradients w.r.t. params and pred0."""
+    (new_states, _, _), vjp = jax.vjp(
+        lambda p, p0: _lean_chunk(module, p, p0, states, n), params, pred0)
+    g_states = jax.tree_util.tree_map(jnp.zeros_like, new_states)  # ignored by the ste neuron
+    return new_states, vjp((g_states, g_out_chunk, g_fired))
+
+  def body(carry, g_out_chunk):
+    states, acc = carry
+    states, grads = chunk_grads(states, g_out_chunk, chunk)
+    return (states, jax.tree_util.tree_map(jnp.add, acc, grads)), None
+
+  g_full = g_out[:n_full * chunk].reshape((n_full, chunk) + g_out.shape[1:])
+  (states, acc), _ = jax.lax.scan(body, (_rest(module, pred0.shape[0]), zeros), g_full)
+  if rest:
+    _, grads = chunk_grads(states, g_out[n_full * chunk:], rest)
+    acc = jax.tree_util.tree_map(jnp.add, acc, grads)
+  return acc
+
+
+_streamed.defvjp(_streamed_fwd, _streamed_bwd)

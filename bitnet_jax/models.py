@@ -67,7 +67,8 @@ class BITnet6(nn.Module):
     num_classes: size of the output layer.
     img_size: input height = width, 32 or 64 (64 adds a maxpool after `begin`).
     in_channels: 1 (grayscale) or 3 (RGB).
-    surrogate: surrogate gradient of the spike, e.g. "ste" or "atan:2" (see `neuron.py`).
+    surrogate: surrogate gradient of the spike: a string such as "ste" or "atan:2", parsed once
+      here into a `neuron.Surrogate` (which the field then holds), or that object.
     dtype: compute dtype of the synapses (float32, or bfloat16 on GPU/TPU); parameters and
       membrane states stay float32 (float64 models, for exact tests, keep float64 states).
     kernel_parts: with a low-precision `dtype`, each synapse sums this many products, one per
@@ -89,7 +90,7 @@ class BITnet6(nn.Module):
   num_classes: int = 10
   img_size: int = 32
   in_channels: int = 3
-  surrogate: str = "ste"
+  surrogate: "str | neuron.Surrogate" = "ste"  # a string is parsed into a Surrogate once
   dtype: Any = jnp.float32
   kernel_parts: int = 1
   sparse: bool = False
@@ -98,6 +99,8 @@ class BITnet6(nn.Module):
   pools_after = ("layer1", "layer2", "layer4")  # the 2x2 maxpools, besides the 64x64 one
 
   def __post_init__(self):
+    # The surrogate string is parsed here, once; clones (every `apply`) get the object.
+    object.__setattr__(self, "surrogate", neuron.get_surrogate(self.surrogate))
     super().__post_init__()
     self.validate()
 
@@ -115,7 +118,6 @@ class BITnet6(nn.Module):
       raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels!r}")
     if not (isinstance(self.num_classes, int) and self.num_classes >= 1):
       raise ValueError(f"num_classes must be an int >= 1, got {self.num_classes!r}")
-    neuron.get_surrogate(self.surrogate)
     lax_precision(self.precision)
     if self.kernel_parts not in (1, 2, 3):
       raise ValueError(f"kernel_parts must be 1, 2 or 3, got {self.kernel_parts!r}")
@@ -201,7 +203,7 @@ class BITnet6(nn.Module):
     x = images
     for spec in self.plan():
       spike = (jnp.clip(self.synapse(spec.name, x), 0, 1) >= 1).astype(self.state_dtype)
-      x = maxpool(spike) if spec.pool else spike
+      x = neuron.maxpool(spike) if spec.pool else spike
     return x
 
 
@@ -261,9 +263,3 @@ def _linear(x: jax.Array, kernel: jax.Array, out_dtype,
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                       precision=precision, preferred_element_type=out_dtype)
-
-
-def maxpool(x: jax.Array) -> jax.Array:
-  """2x2 stride-2 max pool over the H, W axes of (..., H, W, C); on spikes this is a logical OR."""
-  dims = (1,) * (x.ndim - 3) + (2, 2, 1)
-  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, dims, "VALID")

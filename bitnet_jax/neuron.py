@@ -169,3 +169,51 @@ def bddi(state: jax.Array, pred: jax.Array, surrogate: "str | Surrogate" = "ste"
     raise ValueError(f"bddi: state and pred must have the same shape, got {state.shape} and "
                      f"{pred.shape}")
   return _bddi_fn(get_surrogate(surrogate))(state.astype(pred.dtype), pred)
+
+
+# ------------------------------------------------------------------------------------------
+# A layer of neurons through time: the one helper every engine and fused kernel reference uses.
+
+
+def maxpool(x: jax.Array) -> jax.Array:
+  """2x2 stride-2 max pool over the H, W axes of (..., H, W, C); on spikes this is a logical OR."""
+  dims = (1,) * (x.ndim - 3) + (2, 2, 1)
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, dims, "VALID")
+
+
+def over_time(state: jax.Array, surrogate: Surrogate, preds: "jax.Array | None" = None,
+              const: "jax.Array | None" = None, length: "int | None" = None):
+  """Steps one layer's bddi neurons through time (a `lax.scan` of `bddi`).
+
+  Args:
+    state: (B, ...) membranes before the first step.
+    surrogate: the parsed `Surrogate`.
+    preds: (n, B, ...) synaptic outputs, one per step; or None with `const`.
+    const: (B, ...) one synaptic output for every step (the first layer); with `length`.
+    length: n, when `preds` is None.
+
+  Returns:
+    ((n, B, ...) spikes, the final state).
+  """
+  fire = _bddi_fn(surrogate)
+
+  def step(s, pred):
+    spike, s = fire(s, const if pred is None else pred)
+    return s, spike
+
+  state, spikes = jax.lax.scan(step, state, preds, length=length)
+  return spikes, state
+
+
+def layer_over_time(state: jax.Array, surrogate: Surrogate, pool: bool,
+                    preds: "jax.Array | None" = None, const: "jax.Array | None" = None,
+                    length: "int | None" = None):
+  """`over_time`, then the layer's max pool and its spike count.
+
+  Returns:
+    (out, state, count): (n, B, ...) spikes, pooled if `pool`; the final state; (B,) spikes per
+    image over the n steps, before pooling. (The dense form of `spike_conv.layer`.)
+  """
+  spikes, state = over_time(state, surrogate, preds, const, length)
+  count = spikes.sum(tuple(a for a in range(spikes.ndim) if a != 1))  # (B,)
+  return (maxpool(spikes) if pool else spikes), state, count

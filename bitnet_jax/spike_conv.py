@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitnet_jax import neuron as bitnet_neuron  # this module's `neuron` is the fused op
+
 SOURCE = Path(__file__).parent / "csrc" / "spike_conv.cc"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
@@ -159,10 +161,9 @@ conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def _layer_over_time(state, pool, surrogate, **preds):
-  """`engines.layer_over_time` with the bddi neuron of `surrogate`."""
-  from bitnet_jax import engines, neuron  # pylint: disable=import-outside-toplevel
-  fire = functools.partial(neuron.bddi, surrogate=surrogate)
-  return engines.layer_over_time(fire, state, pool, **preds)
+  """`neuron.layer_over_time` (the dense engine's layer) with the bddi neuron of `surrogate`."""
+  return bitnet_neuron.layer_over_time(state, bitnet_neuron.get_surrogate(surrogate), pool,
+                                       **preds)
 
 
 def _layer_dense(x, kernel, bias, state, pool, surrogate):

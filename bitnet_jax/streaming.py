@@ -1,30 +1,12 @@
-"""Streaming backprop for the `ste` surrogate: training memory that does not grow with T.
+"""The lean layers of streaming backprop (`remat="stream"`, `ste` surrogate only).
 
-Used by `engines.run(..., engine="parallel", remat="stream")`.
-
-Why it is exact. With the `ste` surrogate the neuron's backward ignores the membrane's cotangent
-(d state'/d c = 0, see `neuron.py`), so no gradient crosses from one time step to the next: the
-gradient of a run is the sum over chunks of time steps of each chunk's own vjp, given the
-membrane states at the chunk's start. The states do not need gradients, only values, and the
-forward pass can recompute them.
-
-What it keeps. A `custom_vjp` over the whole run `(params, pred0) -> (out_spikes, layer_spikes,
-final_state)`:
-
-- forward: runs the chunks one after another (carrying the states) and keeps *no* activations;
-  the residuals are the parameters and `pred0` (the first layer's constant synaptic input);
-- backward: runs the chunks again, in order, carrying the states; inside each chunk it takes the
-  vjp of that chunk's function with the chunk's slice of the `out_spikes` cotangent and the
-  `layer_spikes` cotangent, and adds the parameter and `pred0` gradients to the loop carry.
-  The `pred0` gradient leaves the custom_vjp and reaches the first convolution once, outside
-  the loop (ordinary autodiff of `begin`, whose input is the image).
-
-Peak memory is then one chunk's activations plus the parameters, independent of T, for the price
-of one extra forward pass. Every field of the `Trace` is differentiated exactly as the other
-engines do: `out_spikes` (any function of it, e.g. the counts) and `layer_spikes` (e.g. a spike
-penalty) carry their cotangents into every chunk; `final_state` has zero gradient under `ste` in
-every engine (the neuron drops the membrane's cotangent), so its cotangent is ignored here too.
-Other surrogates pass gradient through the membrane across chunks; `stream` rejects them.
+`engines.run(..., engine="parallel", remat="stream")` runs the chunk loop of `engines.py` with
+these layers inside a `custom_vjp` whose backward re-runs the chunks one at a time (training
+memory independent of T). Why that is exact: with the `ste` surrogate the neuron's backward
+ignores the membrane's cotangent (d state'/d c = 0, see `neuron.py`), so no gradient crosses
+from one time step to the next, and the gradient of a run is the sum over chunks of each chunk's
+own vjp, given the membrane states at the chunk's start. Other surrogates pass gradient through
+the membrane across chunks; `stream` rejects them (`check_surrogate`).
 
 Inside a chunk, three small `custom_vjp`s keep the backward lean and loop-friendly:
 
@@ -42,8 +24,7 @@ Inside a chunk, three small `custom_vjp`s keep the backward lean and loop-friend
 All three give the autodiff results (the pool bitwise; the convolution gradients up to float
 summation order).
 
-One chunk (`chunk=0` or `chunk >= T`) needs no recomputation: it is ordinary autodiff of that
-chunk with the lean residuals above (memory then grows with T, as with `remat="none"`).
+`layer_runs` gives them in the engine's per-layer contract.
 """
 
 import functools
@@ -172,18 +153,18 @@ _spike_synapse.defvjp(_spike_synapse_fwd, _spike_synapse_bwd)
 
 @jax.custom_vjp
 def _spike_pool(x):
-  """`models.maxpool` of 0/1 spikes, keeping its input as bool for the backward."""
-  return models.maxpool(x)
+  """`neuron.maxpool` of 0/1 spikes, keeping its input as bool for the backward."""
+  return neuron.maxpool(x)
 
 
 def _spike_pool_fwd(x):
-  return models.maxpool(x), x.astype(jnp.bool_)
+  return neuron.maxpool(x), x.astype(jnp.bool_)
 
 
 def _spike_pool_bwd(x, g):
   """Routes each window's gradient to its first maximal element in row-major order.
 
-  That is the choice of XLA's select-and-scatter (the vjp of `models.maxpool`), so the result
+  That is the choice of XLA's select-and-scatter (the vjp of `neuron.maxpool`), so the result
   is bitwise the same; but elementwise, where autodiff's version keeps a float32 copy of the
   input and, on CPU, builds int32 scatter indices several times the size of the layer.
   """
@@ -207,15 +188,12 @@ _spike_pool.defvjp(_spike_pool_fwd, _spike_pool_bwd)
 
 
 # ------------------------------------------------------------------------------------------
-# One chunk of time steps (the parallel engine's chunk, with lean residuals).
+# The neuron through time, and the layers of a chunk.
 
 
-def _step_through_time(state, preds, const, length):
+def _step_through_time(state, preds, const, length, surrogate):
   """The bddi forward of one layer through time: (n, ...) spikes, final state, bool window."""
-  def step(s, pred):
-    spike, s = neuron.bddi(s, const if pred is None else pred, "ste")
-    return s, spike
-  state, spikes = jax.lax.scan(step, state, preds, length=length)
+  spikes, state = neuron.over_time(state, surrogate, preds, const, length)
   pred = const if preds is None else preds
   return spikes, state, (pred >= 0) & (pred <= 1)  # window: the clip's pass-through mask
 
@@ -233,16 +211,13 @@ def _neuron_over_time(state, preds, length, surrogate):
   Returns:
     (n, B, ...) spikes and the final state.
   """
-  const = preds.ndim == state.ndim
-  spikes, state, _ = _step_through_time(state, None if const else preds,
-                                        preds if const else None, length)
-  return spikes, state
+  return _neuron_over_time_fwd(state, preds, length, surrogate)[0]
 
 
 def _neuron_over_time_fwd(state, preds, length, surrogate):
   const = preds.ndim == state.ndim
   spikes, state, window = _step_through_time(state, None if const else preds,
-                                             preds if const else None, length)
+                                             preds if const else None, length, surrogate)
   return (spikes, state), window
 
 
@@ -251,6 +226,7 @@ def _neuron_over_time_bwd(length, surrogate, window, cotangents):
   crosses time steps (the membrane's cotangent is dropped), so it is elementwise. This keeps
   only the bool window (a constant pred: one step's), where the scan's transpose would also
   reverse and restack float tensors."""
+  del length
   g_spikes, _ = cotangents                            # (n, B, ...); final state: no gradient
   if window.ndim == g_spikes.ndim:                    # a pred per step
     g_preds = surrogate.clip_grad(window, g_spikes)
@@ -262,120 +238,25 @@ def _neuron_over_time_bwd(length, surrogate, window, cotangents):
 _neuron_over_time.defvjp(_neuron_over_time_fwd, _neuron_over_time_bwd)
 
 
-def _chunk(module, params, pred0, states, n):
-  """Advances all layers by n steps, one layer at a time, as `engines._parallel_chunk`.
+def layer_runs(module: models.BITnet6, params) -> tuple:
+  """The lean layers of `module`, in the contract of the engine's chunk loop
+  (`engines._chunk`): per layer, `(x, state, n) -> (output, state, spikes per image)`, where x is
+  its input spikes (n, B, ...) (for `begin`, its constant pred (B, ...)) and output its (pooled)
+  spikes (n, B, ...).
 
   Args:
-    module: the BITnet module.
-    params: parameters of every layer but `begin`.
-    pred0: (B, H, W, c1) the first layer's synaptic input (the same at every step).
-    states: per-layer membrane states, (B,) + spec.shape each.
-    n: time steps in the chunk.
-
-  Returns:
-    (states, out (n, B, K) spikes of the last layer, fired (B, 6) spikes per layer and image).
-  """
-  x, new_states, fired = None, [], []
-  surrogate = neuron.get_surrogate(module.surrogate)
-  for i, spec in enumerate(module.plan()):
-    if i == 0:
-      spikes, state = _neuron_over_time(states[0], pred0, n, surrogate)
-    else:
-      flat = x.reshape((-1,) + x.shape[2:])                              # (n*B, H, W, C)
-      pred = _spike_synapse(module, spec.name, params[spec.name], flat)  # one conv for n steps
-      pred = pred.reshape(x.shape[:2] + pred.shape[1:])                  # (n, B, ...)
-      spikes, state = _neuron_over_time(states[i], pred, n, surrogate)
-    new_states.append(state)
-    fired.append(spikes.sum(tuple(a for a in range(spikes.ndim) if a != 1)))  # (B,)
-    x = _spike_pool(spikes) if spec.pool else spikes
-  return tuple(new_states), x, jnp.stack(fired, -1)
-
-
-# ------------------------------------------------------------------------------------------
-# The run.
-
-
-def _chunks(steps: int, chunk: int) -> tuple[int, int, int]:
-  """(chunk length, number of full chunks, length of the last partial chunk or 0)."""
-  chunk = min(chunk or steps, steps)
-  return (chunk,) + divmod(steps, chunk)
-
-
-def _forward(module, params, pred0, steps, chunk):
-  """All chunks in order, keeping nothing for a backward pass."""
-  chunk, n_full, rest = _chunks(steps, chunk)
-  states = tuple(jnp.zeros(pred0.shape[:1] + spec.shape, pred0.dtype) for spec in module.plan())
-
-  def body(states, _):
-    states, out, fired = _chunk(module, params, pred0, states, chunk)
-    return states, (out, fired)
-
-  states, (out, fired) = jax.lax.scan(body, states, length=n_full)
-  out, fired = out.reshape((-1,) + out.shape[2:]), fired.sum(0)  # (n_full*chunk, B, K), (B, 6)
-  if rest:
-    states, out_r, fired_r = _chunk(module, params, pred0, states, rest)
-    out, fired = jnp.concatenate([out, out_r]), fired + fired_r
-  return out, fired, states[-1]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
-def _streamed(module, params, pred0, steps, chunk):
-  return _forward(module, params, pred0, steps, chunk)
-
-
-def _streamed_fwd(module, params, pred0, steps, chunk):
-  return _forward(module, params, pred0, steps, chunk), (params, pred0)
-
-
-def _streamed_bwd(module, steps, chunk, residual, cotangents):
-  params, pred0 = residual
-  g_out, g_fired, _ = cotangents  # (T, B, K), (B, 6); final_state: no gradient under ste
-  chunk, n_full, rest = _chunks(steps, chunk)
-  states = tuple(jnp.zeros(pred0.shape[:1] + spec.shape, pred0.dtype) for spec in module.plan())
-  zeros = jax.tree_util.tree_map(jnp.zeros_like, (params, pred0))
-
-  def chunk_grads(states, g_out_chunk, n):
-    """This chunk's states after it, and its gradients w.r.t. params and pred0."""
-    (new_states, _, _), vjp = jax.vjp(
-        lambda p, p0: _chunk(module, p, p0, states, n), params, pred0)
-    g_states = jax.tree_util.tree_map(jnp.zeros_like, new_states)  # ignored by the ste neuron
-    return new_states, vjp((g_states, g_out_chunk, g_fired))
-
-  def body(carry, g_out_chunk):
-    states, acc = carry
-    states, grads = chunk_grads(states, g_out_chunk, chunk)
-    return (states, jax.tree_util.tree_map(jnp.add, acc, grads)), None
-
-  g_full = g_out[:n_full * chunk].reshape((n_full, chunk) + g_out.shape[1:])
-  (states, acc), _ = jax.lax.scan(body, (states, zeros), g_full)
-  if rest:
-    _, grads = chunk_grads(states, g_out[n_full * chunk:], rest)
-    acc = jax.tree_util.tree_map(jnp.add, acc, grads)
-  return acc
-
-
-_streamed.defvjp(_streamed_fwd, _streamed_bwd)
-
-
-def run(module: models.BITnet6, params, pred0: jax.Array, steps: int, chunk: int):
-  """Runs all time steps with streaming backprop (see the module docstring).
-
-  Args:
-    module: a BITnet6 / BITnet6_v101 whose surrogate is `ste`.
-    params: its parameters (all layers; `begin` is only used through `pred0`).
-    pred0: (B, H, W, c1) the first layer's synaptic input, `synapse("begin", images)`.
-    steps: time steps T.
-    chunk: time steps per chunk (0 = all T in one chunk).
-
-  Returns:
-    (out_spikes (T, B, K), layer_spikes (B, 6), final_state (B, K)), the fields of a `Trace`.
+    module: a BITnet module whose surrogate is `ste`.
+    params: parameters of every layer but `begin` (whose synapse runs outside, once).
   """
   check_surrogate(module.surrogate)
-  inner = {name: p for name, p in params.items() if name != "begin"}
-  chunk, n_full, rest = _chunks(steps, chunk)
-  if n_full == 1 and not rest:  # one chunk: nothing to recompute, plain autodiff
-    states = tuple(jnp.zeros(pred0.shape[:1] + spec.shape, pred0.dtype)
-                   for spec in module.plan())
-    states, out, fired = _chunk(module, inner, pred0, states, steps)
-    return out, fired, states[-1]
-  return _streamed(module, inner, pred0, steps, chunk)
+
+  def run(spec, x, state, n):
+    if spec.name != "begin":
+      flat = x.reshape((-1,) + x.shape[2:])                              # (n*B, H, W, C)
+      x = _spike_synapse(module, spec.name, params[spec.name], flat)     # one conv for n steps
+      x = x.reshape((n, -1) + x.shape[1:])                               # (n, B, ...)
+    spikes, state = _neuron_over_time(state, x, n, module.surrogate)
+    count = spikes.sum(tuple(a for a in range(spikes.ndim) if a != 1))   # (B,)
+    return (_spike_pool(spikes) if spec.pool else spikes), state, count
+
+  return tuple(functools.partial(run, spec) for spec in module.plan())

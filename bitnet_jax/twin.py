@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from bitnet_jax import models
+from bitnet_jax import neuron
 
 NEURONS = ("bddi", "relu")
 
@@ -47,7 +48,7 @@ def forward(module: models.BITnet6, params, images: jax.Array):
       return out, jnp.stack(active, -1).astype(out.dtype)     # (B, K), (B, 6)
     out = jax.nn.relu(out)
     active.append(jnp.sum(out > 0, axis=(1, 2, 3)))
-    x = models.maxpool(out) if spec.pool else out
+    x = neuron.maxpool(out) if spec.pool else out
   raise AssertionError("the plan ends with mlp1")
 
 

@@ -12,6 +12,7 @@ import bitnet_jax
 from bitnet_jax import datasets
 from bitnet_jax import engines
 from bitnet_jax import models
+from bitnet_jax import neuron
 from bitnet_jax import streaming
 from bitnet_jax import trainer
 from configs import default
@@ -91,10 +92,10 @@ def test_spike_pool_gradient_is_bitwise_autodiffs():
   x = jnp.asarray(rng.random((3, 2, 8, 6, 5)) < 0.3, jnp.float32)  # (T, B, H, W, C)
   x = x.at[0].set(0).at[1, 0, :2, :2].set(1)                        # all-0 and all-1 windows
   g = jnp.asarray(rng.normal(size=(3, 2, 4, 3, 5)), jnp.float32)
-  ref = jax.vjp(models.maxpool, x)[1](g)[0]
+  ref = jax.vjp(neuron.maxpool, x)[1](g)[0]
   ours = jax.vjp(streaming._spike_pool, x)[1](g)[0]  # pylint: disable=protected-access
   np.testing.assert_array_equal(ours, ref)
-  np.testing.assert_array_equal(streaming._spike_pool(x), models.maxpool(x))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(streaming._spike_pool(x), neuron.maxpool(x))  # pylint: disable=protected-access
 
 
 def test_conv_gradients_match_autodiff():
