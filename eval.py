@@ -71,7 +71,7 @@ def main(argv):
       config.eval_time_steps = _STEPS.value
   result = evaluate.run_evaluation(
       config, workdir=None if _TORCH.value else _WORKDIR.value, which=_WHICH.value,
-      checkpoint_step=_STEP.value, torch_checkpoint=_TORCH.value, sweep=sweep,
+      checkpoint_step=_STEP.value, torch_ckpt=_TORCH.value, sweep=sweep,
       score=_SCORE.value)
   if jax.process_index() != 0:  # every process computed the same result; one reports it
     return

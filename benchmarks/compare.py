@@ -1,7 +1,7 @@
 """Side by side on one machine: bitnet-jax against the PyTorch baseline (torch_baseline.py).
 
 Both sides run the same network with the same weights on the same batch: this script writes the
-weights once (an .npz in the release's layout, `torch_checkpoint.to_torch_state_dict`) and runs
+weights once (an .npz in the release's layout, `release.to_torch_state_dict`) and runs
 every configuration in its own process, so that compile caches, thread pools and peak RSS do not
 leak from one measurement into the next. It prints one markdown table (and --json writes the raw
 numbers).
@@ -121,20 +121,20 @@ def _memory_gib(compiled) -> float | None:
 
 def child_weights(args) -> dict:
   """Writes the batch and the calibrated weights (release layout) for the other children."""
-  from bitnet_jax import torch_checkpoint  # pylint: disable=import-outside-toplevel
+  from bitnet_jax import release  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   images, labels = make_batch(args.batch, args.classes, args.seed)
   np.savez(args.batch_file, images=images, labels=labels)
   params, sparsity = calibrate(args.fs, args.classes, images[:8], gain=args.gain,
                                steps=args.steps, seed=args.seed)
-  np.savez(args.weights, **torch_checkpoint.to_torch_state_dict(params))
+  np.savez(args.weights, **release.to_torch_state_dict(params))
   return {"sparsity": [float(s) for s in sparsity], "seconds": time.perf_counter() - t0}
 
 
 def _load(args):
-  from bitnet_jax import models, torch_checkpoint  # pylint: disable=import-outside-toplevel
+  from bitnet_jax import models, release  # pylint: disable=import-outside-toplevel
   with np.load(args.weights) as f:
-    params = torch_checkpoint.to_flax_params(dict(f), fs=args.fs, num_classes=args.classes)
+    params = release.to_flax_params(dict(f), fs=args.fs, num_classes=args.classes)
   with np.load(args.batch_file) as f:
     images, labels = f["images"], f["labels"]
   module = models.BITnet6(fs=args.fs, num_classes=args.classes, sparse=args.synapse == "sparse",

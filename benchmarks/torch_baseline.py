@@ -68,7 +68,11 @@ class SpikingLayer(nn.Module):
         # state starts at 0: ``None`` means zero.  The membrane is kept in float32 even when the
         # layer runs under bf16 autocast (bf16 + fp32 promotes to fp32; spikes 0/1 are exact in
         # bf16 when they feed the next layer).
-        c = pred.float() if state is None else state + pred
+        # (float64, for the exactness tests, stays float64.)
+        if state is None:
+            c = pred if pred.dtype == torch.float64 else pred.float()
+        else:
+            c = state + pred
         spike = spike_fn(c)
         return spike, c - spike
 

@@ -20,14 +20,6 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The twin's run directory; default "
-                               "workdirs/<config name>_relu.")
-_BITNET = flags.DEFINE_string("bitnet_workdir", None, "The BITnet run to compare with; default "
-                              "workdirs/<config name>.")
-
-
 def validation_top1(workdir: str) -> dict[float, float]:
   """{epoch: test top-1} of a run's validations, from its metrics.jsonl ({} if it has none)."""
   path = os.path.join(workdir, "metrics.jsonl")
@@ -72,6 +64,12 @@ def main(argv):
   print(side_by_side(workdir, bitnet_workdir))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only when run: this module is also imported (tests)
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
+                                            lock_config=True)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "The twin's run directory; default "
+                                 "workdirs/<config name>_relu.")
+  _BITNET = flags.DEFINE_string("bitnet_workdir", None, "The BITnet run to compare with; default "
+                                "workdirs/<config name>.")
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -54,6 +54,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from bitnet_jax import torch_checkpoint
+
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist", "tiny_imagenet", "npz",
             "synthetic")
 SPLITS = ("train", "test")
@@ -497,26 +499,12 @@ def _idx_paths(folder: str, split: str) -> dict[str, str | None]:
 # Local files: readers.
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-  """Unpickles only plain containers and numpy arrays (a pickle can run arbitrary code)."""
-
-  _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-              ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
-
-  def find_class(self, module: str, name: str):
-    if (module, name) not in self._ALLOWED:
-      raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-    if module == "numpy.core.multiarray":
-      module = "numpy._core.multiarray"  # NumPy 2 name of the NumPy 1 module
-    return super().find_class(module, name)
-
-
 def _read_cifar_pickle(path: str, label_key: str, num_classes: int) -> tuple[np.ndarray,
                                                                              np.ndarray]:
   """Reads one CIFAR python batch: images uint8 (N, 32, 32, 3), labels int32 (N,)."""
   try:
     with open(path, "rb") as f:
-      batch = _ArrayUnpickler(f, encoding="bytes").load()
+      batch = torch_checkpoint.load_pickle(f, encoding="bytes")  # the one safe unpickler
   except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
     raise ValueError(f"Cannot read CIFAR batch {path} (truncated or not a CIFAR python "
                      f"pickle): {e}") from e

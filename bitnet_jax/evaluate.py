@@ -104,16 +104,16 @@ def summarize(sums: dict, module, time_steps: int, sweep: tuple[int, ...] = ()) 
 
 
 def run_evaluation(config, *, workdir: str | None = None, which: str = "best",
-                   checkpoint_step: int | None = None, torch_checkpoint: str | None = None,
+                   checkpoint_step: int | None = None, torch_ckpt: str | None = None,
                    sweep: tuple[int, ...] = (), score: str = "count") -> dict:
   """Evaluates a checkpoint on the whole test split of `config.dataset`.
 
   Args:
     config: the run's config; `eval_time_steps` is the number of time steps T.
-    workdir: a training workdir (orbax checkpoints), or None with `torch_checkpoint`.
+    workdir: a training workdir (orbax checkpoints), or None with `torch_ckpt`.
     which: "best" or "latest" checkpoint of the workdir.
     checkpoint_step: a specific step of workdir/checkpoints.
-    torch_checkpoint: a .ckpt of the original PyTorch release instead of a workdir.
+    torch_ckpt: a .ckpt of the original PyTorch release instead of a workdir.
     sweep: step counts to also report top-1 at (from the same run; T is raised to their max).
     score: "count" or "potential" (see `make_eval_step`).
 
@@ -121,24 +121,24 @@ def run_evaluation(config, *, workdir: str | None = None, which: str = "best",
     The metrics of `summarize`, plus "checkpoint" (where the parameters came from).
   """
   # Imported here: trainer imports this module for its periodic validation.
-  from bitnet_jax import checkpointing, datasets, torch_checkpoint as torch_ckpt, trainer  # pylint: disable=import-outside-toplevel
+  from bitnet_jax import checkpointing, datasets, release, torch_checkpoint, trainer  # pylint: disable=import-outside-toplevel
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
   trainer.validate_config(config)
   info = datasets.get_dataset_info(config)
   module = trainer.make_module(config, info)
-  if torch_checkpoint:
-    params = torch_ckpt.to_flax_params(
-        torch_ckpt.read_state_dict(torch_checkpoint), variant=config.variant, fs=config.fs,
+  if torch_ckpt:
+    params = release.to_flax_params(
+        torch_checkpoint.read_state_dict(torch_ckpt), variant=config.variant, fs=config.fs,
         num_classes=info.num_classes, img_size=module.img_size, in_channels=module.in_channels)
-    source = torch_checkpoint
+    source = torch_ckpt
   elif workdir:
     params, meta = checkpointing.load_params(workdir, which, checkpoint_step)
     checkpointing.check_architecture(meta["arch"], checkpointing.architecture(module),
                                      meta["source"])
     source = meta["source"]
   else:
-    raise ValueError("nothing to evaluate: give a workdir or a torch_checkpoint")
+    raise ValueError("nothing to evaluate: give a workdir or a torch_ckpt")
   sweep = tuple(sorted(set(sweep)))
   steps = max((config.eval_time_steps,) + sweep)
   mesh = Mesh(np.array(jax.devices()), ("data",))

@@ -1,4 +1,4 @@
-"""Reads (and writes) the original release's PyTorch Lightning ``.ckpt`` files without torch.
+"""Reads the original release's PyTorch Lightning ``.ckpt`` files, and other pickles, safely.
 
 A ``.ckpt`` is a ``torch.save`` zip archive::
 
@@ -35,13 +35,11 @@ file that asks to call ``os.system`` is not a genuine checkpoint and should be r
 Tensors are read lazily: ``read_state_dict`` only reads the storages of the state dict, not
 those of the optimizer states.
 
-Layouts (see ``docs/INTERFACES.md``): the release stores conv weights OIHW and ``mlp1``'s weight
-as ``(num_classes, C*H*W)`` over a ``(C, H, W)`` flattening; our Flax parameters are HWIO and
-``(H*W*C, num_classes)`` over an ``(H, W, C)`` flattening.
+``load_pickle`` reads a plain pickle (no archive, no storages) with the same allow-list: the
+CIFAR python batches (`datasets.py`) go through it, so the project has one restricted unpickler.
 
-Example:
-  >>> model = load_torch_checkpoint('cifar10_bitnet6.ckpt', fs=4, num_classes=10)
-  >>> counts = bitnet_jax.spike_counts(model, images_nhwc, steps=50)
+The release's layout and its mapping to our parameters are in `release.py`; writing a ``.ckpt``
+in that layout is `export.py`.
 """
 
 from __future__ import annotations
@@ -53,34 +51,20 @@ import math
 import os
 import pathlib
 import pickle
-import struct
-import sys
 import zipfile
 import zlib
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-
-LAYERS = ("begin", "layer1", "layer2", "layer3", "layer4", "mlp1")
-CONV_LAYERS = LAYERS[:-1]
-VARIANTS = ("BITnet6", "BITnet6_v101")
-IMG_SIZES = (32, 64)
-PREFIX = "model."  # the LightningModule holds the network as `self.model`
 
 __all__ = [
     "CheckpointFormatError",
     "HParams",
     "UnknownObject",
     "UnsafeCheckpointError",
-    "expected_torch_shapes",
     "load_checkpoint",
-    "load_torch_checkpoint",
+    "load_pickle",
     "read_state_dict",
-    "to_flax_params",
-    "to_reference_weights",
-    "to_torch_state_dict",
-    "write_checkpoint",
 ]
 
 
@@ -478,9 +462,10 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
 class _SafeUnpickler(pickle.Unpickler):
   """An unpickler that resolves globals only to the stand-ins of `_allowed_globals`."""
 
-  def __init__(self, file, archive: "_ArchiveReader", strict: bool):
-    super().__init__(file)
-    self._archive = archive
+  def __init__(self, file, archive: "_ArchiveReader | None", strict: bool,
+               encoding: str = "ASCII"):
+    super().__init__(file, encoding=encoding)
+    self._archive = archive  # None: a plain pickle, which has no storages
     self._strict = strict
     self._allowed = _allowed_globals()
     self._unknown: dict[str, type] = {}
@@ -501,6 +486,8 @@ class _SafeUnpickler(pickle.Unpickler):
     return self._unknown[qualname]
 
   def persistent_load(self, pid):
+    if self._archive is None:
+      raise UnsafeCheckpointError(f"refused persistent id {_short_repr(pid)} in a plain pickle")
     if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
       raise UnsafeCheckpointError(
           f"refused persistent id {_short_repr(pid)}: expected ('storage', type, key, "
@@ -715,386 +702,20 @@ def read_state_dict(path, *, strict: bool = True) -> dict[str, np.ndarray]:
     archive.close()
 
 
-# ============================================================================ layouts
-
-
-def expected_torch_shapes(*, fs: float, num_classes: int, img_size: int = 32,
-                          in_channels: int = 3) -> dict[str, tuple[int, ...]]:
-  """The release's state-dict shapes (without the ``model.`` prefix).
+def load_pickle(file, *, encoding: str = "ASCII") -> Any:
+  """Unpickles a plain pickle (not a ``torch.save`` archive) with the same allow-list.
 
   Args:
-    fs: feature scale; channels int(64*fs), int(128*fs), int(256*fs), int(512*fs).
-    num_classes: size of mlp1.
-    img_size: 32 or 64 (the last pooled map is 4x4 for both).
-    in_channels: image channels.
+    file: a binary file object.
+    encoding: how Python 2 ``str`` objects are decoded (``"bytes"`` keeps them as bytes, as
+      the CIFAR python batches need).
 
   Returns:
-    ``{'begin.layer.weight': (c1, in_channels, 3, 3), ..., 'mlp1.layer.bias': (classes,)}``.
-  """
-  if img_size not in IMG_SIZES:
-    raise ValueError(f"img_size must be one of {IMG_SIZES}, got {img_size!r}")
-  c1, c2, c3, c4 = (int(64 * fs), int(128 * fs), int(256 * fs), int(512 * fs))
-  if min(c1, num_classes, in_channels) < 1:
-    raise ValueError(f"fs={fs}, num_classes={num_classes}, in_channels={in_channels} give an "
-                     "empty layer")
-  io_ = {"begin": (in_channels, c1), "layer1": (c1, c1), "layer2": (c1, c2),
-         "layer3": (c2, c3), "layer4": (c3, c4)}
-  shapes = {}
-  for name in CONV_LAYERS:
-    i, o = io_[name]
-    shapes[f"{name}.layer.weight"] = (o, i, 3, 3)
-    shapes[f"{name}.layer.bias"] = (o,)
-  shapes["mlp1.layer.weight"] = (num_classes, c4 * 4 * 4)
-  shapes["mlp1.layer.bias"] = (num_classes,)
-  return shapes
-
-
-def _architecture_hint(sd: Mapping[str, np.ndarray]) -> str:
-  """What architecture the found shapes suggest, for error messages."""
-  try:
-    c1, in_ch = sd["begin.layer.weight"].shape[:2]
-    classes = sd["mlp1.layer.weight"].shape[0]
-    return (f" The checkpoint looks like fs={c1 / 64:g}, num_classes={classes}, "
-            f"in_channels={in_ch}.")
-  except (KeyError, AttributeError, ValueError):
-    return ""
-
-
-def to_flax_params(state_dict: Mapping[str, Any], *, variant: str = "BITnet6", fs: float,
-                   num_classes: int, img_size: int = 32, in_channels: int = 3
-                   ) -> dict[str, dict[str, np.ndarray]]:
-  """Converts a release state dict to our Flax parameters (docs/INTERFACES.md).
-
-  Args:
-    state_dict: ``{'model.<layer>.layer.weight'|'bias': array}`` (the ``model.`` prefix is
-      optional), conv weights OIHW, ``mlp1`` weight ``(num_classes, C*H*W)`` over a
-      ``(C, H, W)`` flattening.
-    variant: 'BITnet6' or 'BITnet6_v101' (same parameter shapes; only checked).
-    fs: feature scale of the checkpoint.
-    num_classes: number of classes of the checkpoint.
-    img_size: 32 or 64.
-    in_channels: image channels.
-
-  Returns:
-    ``{'begin': {'kernel': (3, 3, in, c1), 'bias': (c1,)}, ..., 'mlp1': {'kernel':
-    (4*4*c4, num_classes), 'bias': (num_classes,)}}`` as float32 NumPy arrays, ``mlp1``'s
-    kernel rows in ``(h, w, c)`` order.
+    The object; NumPy arrays come back as arrays.
 
   Raises:
-    ValueError: unknown variant, missing or unexpected keys, shape mismatches (the message
-      names each key with the expected and the found shape), non-floating tensors.
+    UnsafeCheckpointError: the pickle calls a global outside the allow-list, or refers to
+      storages (it was not executed).
+    pickle.UnpicklingError, EOFError, ValueError: a corrupt or truncated pickle.
   """
-  if variant not in VARIANTS:
-    raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-  expected = expected_torch_shapes(fs=fs, num_classes=num_classes, img_size=img_size,
-                                   in_channels=in_channels)
-  sd: dict[str, Any] = {}
-  for key, value in state_dict.items():
-    short = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    if short in sd:
-      raise ValueError(f"state dict has both '{short}' and '{PREFIX}{short}'")
-    sd[short] = value
-  missing = [PREFIX + k for k in expected if k not in sd]
-  unexpected = [PREFIX + k for k in sd if k not in expected]
-  if missing or unexpected:
-    raise ValueError(
-        f"state dict does not match a {variant} (fs={fs}, num_classes={num_classes}): "
-        f"missing keys {missing}, unexpected keys {unexpected}.")
-  mismatched = [f"{PREFIX}{k}: expected {expected[k]}, found {tuple(np.shape(sd[k]))}"
-                for k in expected if tuple(np.shape(sd[k])) != expected[k]]
-  if mismatched:
-    raise ValueError(
-        f"state dict shapes do not match a {variant} with fs={fs}, num_classes={num_classes}, "
-        f"img_size={img_size}, in_channels={in_channels}: " + "; ".join(mismatched) + "."
-        + _architecture_hint(sd))
-  params = {}
-  for name in LAYERS:
-    w = np.asarray(sd[f"{name}.layer.weight"])
-    b = np.asarray(sd[f"{name}.layer.bias"])
-    for key, arr in (("weight", w), ("bias", b)):
-      if arr.dtype.kind != "f" and str(arr.dtype) != "bfloat16":
-        raise ValueError(f"{PREFIX}{name}.layer.{key} must be floating point, found {arr.dtype}")
-    w, b = w.astype(np.float32), b.astype(np.float32)
-    if name == "mlp1":
-      c4 = w.shape[1] // 16
-      kernel = w.reshape(num_classes, c4, 4, 4)  # (out, C, H, W)
-      kernel = kernel.transpose(2, 3, 1, 0).reshape(16 * c4, num_classes)  # (H*W*C, out)
-    else:
-      kernel = w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    params[name] = {"kernel": np.ascontiguousarray(kernel), "bias": b}
-  return params
-
-
-def _unwrap_params(params) -> Mapping[str, Any]:
-  if hasattr(params, "params") and hasattr(params, "module"):  # a bitnet_jax Model
-    params = params.params
-  if isinstance(params, Mapping) and set(params) == {"params"}:
-    params = params["params"]
-  if not isinstance(params, Mapping) or set(params) != set(LAYERS):
-    found = sorted(params) if isinstance(params, Mapping) else type(params).__name__
-    raise ValueError(f"params must have exactly the layers {list(LAYERS)}, found {found}")
-  return params
-
-
-def to_torch_state_dict(params) -> dict[str, np.ndarray]:
-  """Converts our Flax parameters to the release's state dict (inverse of `to_flax_params`).
-
-  Args:
-    params: our parameters (docs/INTERFACES.md), a ``{'params': ...}`` wrapper or a `Model`.
-
-  Returns:
-    ``{'model.<layer>.layer.weight'|'bias': np.ndarray}`` in the release's order and layout
-    (conv OIHW, ``mlp1`` ``(num_classes, C*H*W)``), in the parameters' dtype.
-  """
-  params = _unwrap_params(params)
-  out = {}
-  for name in LAYERS:
-    kernel = np.asarray(params[name]["kernel"])
-    bias = np.asarray(params[name]["bias"])
-    if name == "mlp1":
-      c4 = np.shape(params["layer4"]["kernel"])[-1]
-      hw, rem = divmod(kernel.shape[0], c4)
-      side = math.isqrt(hw)
-      if kernel.ndim != 2 or rem or side * side != hw:
-        raise ValueError(f"mlp1 kernel must be (H*W*{c4}, classes) with H == W, found "
-                         f"{kernel.shape}")
-      w = kernel.reshape(side, side, c4, -1).transpose(3, 2, 0, 1)  # (out, C, H, W)
-      w = w.reshape(w.shape[0], -1)
-    else:
-      if kernel.ndim != 4:
-        raise ValueError(f"{name} kernel must be HWIO, found shape {kernel.shape}")
-      w = kernel.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-    out[f"{PREFIX}{name}.layer.weight"] = np.ascontiguousarray(w)
-    out[f"{PREFIX}{name}.layer.bias"] = bias
-  return out
-
-
-def to_reference_weights(params) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """Our Flax parameters as ``{'begin': (W_oihw, b), ..., 'mlp1': (W, b)}`` for `reference.run`."""
-  sd = to_torch_state_dict(params)
-  return {name: (sd[f"{PREFIX}{name}.layer.weight"], sd[f"{PREFIX}{name}.layer.bias"])
-          for name in LAYERS}
-
-
-# ============================================================================ writing
-
-_NP_TO_STORAGE = {
-    "float32": "FloatStorage", "float64": "DoubleStorage", "float16": "HalfStorage",
-    "bfloat16": "BFloat16Storage", "int64": "LongStorage", "int32": "IntStorage",
-    "int16": "ShortStorage", "int8": "CharStorage", "uint8": "ByteStorage", "bool": "BoolStorage",
-    "complex64": "ComplexFloatStorage", "complex128": "ComplexDoubleStorage",
-}
-
-
-class _PickleWriter:
-  """Writes the protocol-2 pickle of a ``torch.save`` file by hand (no torch, no globals of
-  ours): dicts, OrderedDicts, lists, tuples, str, bytes, int, float, bool, None, and arrays as
-  tensors whose storages are collected in ``self.storages``."""
-
-  def __init__(self):
-    self.out = io.BytesIO()
-    self.storages: list[np.ndarray] = []
-
-  def dump(self, obj) -> bytes:
-    self.out.write(b"\x80\x02")  # PROTO 2
-    self._save(obj)
-    self.out.write(b".")  # STOP
-    return self.out.getvalue()
-
-  def _global(self, module: str, name: str):
-    self.out.write(b"c" + module.encode() + b"\n" + name.encode() + b"\n")
-
-  def _str(self, s: str):
-    data = s.encode("utf-8", "surrogatepass")
-    self.out.write(b"X" + struct.pack("<I", len(data)) + data)  # BINUNICODE
-
-  def _int(self, i: int):
-    if 0 <= i < 256:
-      self.out.write(b"K" + struct.pack("<B", i))  # BININT1
-    elif -2**31 <= i < 2**31:
-      self.out.write(b"J" + struct.pack("<i", i))  # BININT
-    else:
-      data = pickle.encode_long(i)
-      if len(data) > 255:
-        raise ValueError(f"integer too large for the checkpoint writer: {i}")
-      self.out.write(b"\x8a" + struct.pack("<B", len(data)) + data)  # LONG1
-
-  def _tuple(self, items):
-    if not items:
-      self.out.write(b")")  # EMPTY_TUPLE
-      return
-    self.out.write(b"(")  # MARK
-    for it in items:
-      self._save(it)
-    self.out.write(b"t")  # TUPLE
-
-  def _items(self, mapping):
-    if mapping:
-      self.out.write(b"(")  # MARK
-      for k, v in mapping.items():
-        self._save(k)
-        self._save(v)
-      self.out.write(b"u")  # SETITEMS
-
-  def _tensor(self, arr: np.ndarray):
-    if arr.dtype.byteorder not in ("=", "|"):
-      arr = arr.astype(arr.dtype.newbyteorder("="))  # native; see the 'byteorder' record
-    dtype_name = str(arr.dtype)
-    if dtype_name not in _NP_TO_STORAGE:
-      raise TypeError(f"cannot write an array of dtype {arr.dtype} as a torch tensor; "
-                      f"supported: {sorted(_NP_TO_STORAGE)}")
-    if not arr.flags.c_contiguous:
-      arr = arr.copy(order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
-    key = str(len(self.storages))
-    self.storages.append(arr)
-    strides = tuple(s // arr.itemsize for s in arr.strides) if arr.size else (
-        tuple(int(math.prod(arr.shape[i + 1:])) for i in range(arr.ndim)))
-    self._global("torch._utils", "_rebuild_tensor_v2")
-    self.out.write(b"(")  # MARK: args of _rebuild_tensor_v2
-    self.out.write(b"(")  # MARK: persistent id
-    self._str("storage")
-    self._global("torch", _NP_TO_STORAGE[dtype_name])
-    self._str(key)
-    self._str("cpu")
-    self._int(arr.size)
-    self.out.write(b"t")  # TUPLE
-    self.out.write(b"Q")  # BINPERSID
-    self._int(0)  # storage offset
-    self._tuple(tuple(int(d) for d in arr.shape))
-    self._tuple(strides)
-    self.out.write(b"\x89")  # requires_grad = False
-    self._global("collections", "OrderedDict")  # backward hooks: OrderedDict()
-    self.out.write(b")R")
-    self.out.write(b"t")  # TUPLE
-    self.out.write(b"R")  # REDUCE
-
-  def _save(self, obj):
-    if obj is None:
-      self.out.write(b"N")
-    elif obj is True or obj is False:
-      self.out.write(b"\x88" if obj else b"\x89")
-    elif isinstance(obj, (int, np.integer)) and not isinstance(obj, np.bool_):
-      self._int(int(obj))
-    elif isinstance(obj, (float, np.floating)):
-      self.out.write(b"G" + struct.pack(">d", float(obj)))  # BINFLOAT
-    elif isinstance(obj, np.bool_):
-      self._save(bool(obj))
-    elif isinstance(obj, str):
-      self._str(obj)
-    elif isinstance(obj, bytes):  # protocol 2: _codecs.encode(latin1_str, 'latin1')
-      self._global("_codecs", "encode")  # (torch's weights_only loader refuses builtins.bytes)
-      self._tuple((obj.decode("latin1"), "latin1"))
-      self.out.write(b"R")
-    elif isinstance(obj, collections.OrderedDict):
-      self._global("collections", "OrderedDict")
-      self.out.write(b")R")  # OrderedDict()
-      self._items(obj)
-    elif isinstance(obj, Mapping):
-      self.out.write(b"}")  # EMPTY_DICT
-      self._items(obj)
-    elif isinstance(obj, list):
-      self.out.write(b"]")  # EMPTY_LIST
-      if obj:
-        self.out.write(b"(")
-        for it in obj:
-          self._save(it)
-        self.out.write(b"e")  # APPENDS
-    elif isinstance(obj, tuple):
-      self._tuple(obj)
-    elif isinstance(obj, np.ndarray) or hasattr(obj, "__array__"):
-      self._tensor(np.asarray(obj))
-    else:
-      raise TypeError(f"write_checkpoint cannot write a {type(obj).__name__}; use dicts, "
-                      "lists, tuples, str, bytes, numbers, None and arrays")
-
-
-def write_checkpoint(path, state_dict: Mapping[str, Any], extra: Mapping[str, Any] | None = None
-                     ) -> None:
-  """Writes a release-layout ``.ckpt`` (a ``torch.save`` zip) without torch.
-
-  The file holds ``{'state_dict': OrderedDict(state_dict), **extra}`` and is readable by
-  `read_state_dict` and by ``torch.load(path, weights_only=True)``. Arrays anywhere become
-  CPU tensors (one storage each, data 64-byte aligned like torch writes them).
-
-  Args:
-    path: output file; written atomically (temporary file + rename).
-    state_dict: ``{key: array}``, e.g. from `to_torch_state_dict`.
-    extra: other top-level entries (e.g. ``{'epoch': 3, 'hyper_parameters': {...}}``) made of
-      dicts, lists, tuples, str, bytes, numbers, None and arrays.
-
-  Raises:
-    TypeError: a value of an unsupported type.
-    ValueError: ``extra`` has a 'state_dict' key.
-  """
-  extra = dict(extra or {})
-  if "state_dict" in extra:
-    raise ValueError("extra must not contain 'state_dict'; pass it as state_dict")
-  for k, v in state_dict.items():
-    if not isinstance(k, str) or not (isinstance(v, np.ndarray) or hasattr(v, "__array__")):
-      raise TypeError(f"state_dict must map str to arrays, found {k!r}: {type(v).__name__}")
-  obj = {"state_dict": collections.OrderedDict(state_dict), **extra}
-  writer = _PickleWriter()
-  pkl = writer.dump(obj)
-
-  path = os.fspath(path)
-  tmp = f"{path}.tmp{os.getpid()}"
-  prefix = "archive/"
-  try:
-    with open(tmp, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
-      def record(name: str, data: bytes, align: bool = False):
-        info = zipfile.ZipInfo(prefix + name, date_time=(1980, 1, 1, 0, 0, 0))
-        info.compress_type = zipfile.ZIP_STORED
-        if align:  # pad the local header so the data starts at a multiple of 64 bytes
-          start = f.tell() + 30 + len(info.filename.encode()) + 4
-          pad = -start % 64
-          info.extra = b"FB" + struct.pack("<H", pad) + b"\0" * pad
-        zf.writestr(info, data)
-
-      record("data.pkl", pkl)
-      record(".format_version", b"1")
-      record(".storage_alignment", b"64")
-      record("byteorder", sys.byteorder.encode())
-      for i, arr in enumerate(writer.storages):
-        record(f"data/{i}", arr.tobytes(), align=True)
-      record("version", b"3\n")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-# ============================================================================ model
-
-
-def load_torch_checkpoint(path, *, variant: str = "BITnet6", fs: float, num_classes: int,
-                          img_size: int = 32, in_channels: int = 3, surrogate: str = "ste",
-                          strict: bool = True, **create_kwargs):
-  """Builds a `bitnet_jax.Model` with the weights of a release checkpoint.
-
-  Args:
-    path: the release's ``.ckpt`` file.
-    variant: 'BITnet6' or 'BITnet6_v101' (the checkpoint does not record it).
-    fs: feature scale (4 standard, 5 "Max").
-    num_classes: 10, 100 or 200 for the released models.
-    img_size: 32 (CIFAR) or 64 (Tiny-ImageNet).
-    in_channels: image channels.
-    surrogate: surrogate gradient for fine-tuning (does not change the forward pass).
-    strict: see `load_checkpoint`.
-    **create_kwargs: passed on to `bitnet_jax.create_model` (e.g. ``dtype``).
-
-  Returns:
-    ``create_model(variant, fs=..., ..., params=params)``: a `bitnet_jax.Model`.
-
-  Raises:
-    FileNotFoundError, CheckpointFormatError, UnsafeCheckpointError: see `read_state_dict`.
-    ValueError: the weights do not fit the requested architecture.
-  """
-  import bitnet_jax  # pylint: disable=import-outside-toplevel
-
-  state_dict = read_state_dict(path, strict=strict)
-  params = to_flax_params(state_dict, variant=variant, fs=fs, num_classes=num_classes,
-                          img_size=img_size, in_channels=in_channels)
-  # create_model checks the converted tree against the module's own shapes (no random init).
-  return bitnet_jax.create_model(variant, fs=fs, num_classes=num_classes, img_size=img_size,
-                                 in_channels=in_channels, surrogate=surrogate, params=params,
-                                 **create_kwargs)
+  return _materialize(_SafeUnpickler(file, None, strict=True, encoding=encoding).load())

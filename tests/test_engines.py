@@ -9,7 +9,7 @@ import pytest
 
 import bitnet_jax
 from bitnet_jax import reference
-from bitnet_jax import torch_checkpoint
+from bitnet_jax import release
 from conftest import firing_params
 
 STEPS = 6
@@ -71,7 +71,7 @@ def test_engines_equal_numpy_reference_float64(variant, img_size, classes):
                                     dtype=jnp.float64, seed=1)
     params = firing_params(model.params, gain=2.5)
     images = np.random.default_rng(1).normal(size=(3, img_size, img_size, 3))
-    ref = reference.run(torch_checkpoint.to_reference_weights(params),
+    ref = reference.run(release.to_reference_weights(params),
                         images.transpose(0, 3, 1, 2), STEPS, variant=variant)
     assert ref["counts"].sum() > 0 and ref["layer_spikes"].min() > 0
     for engine in ("scan", "parallel"):

@@ -11,7 +11,7 @@ import pytest
 import bitnet_jax
 from bitnet_jax import reference
 from bitnet_jax import spike_conv
-from bitnet_jax import torch_checkpoint
+from bitnet_jax import release
 from bitnet_jax import trainer
 from configs import default
 from conftest import firing_params
@@ -138,7 +138,7 @@ def test_sparse_engines_equal_numpy_reference_float64(variant, img_size):
                                     dtype=jnp.float64, sparse=True, seed=1)
     params = firing_params(model.params, gain=2.5)
     images = np.random.default_rng(1).normal(size=(3, img_size, img_size, 3))
-    ref = reference.run(torch_checkpoint.to_reference_weights(params),
+    ref = reference.run(release.to_reference_weights(params),
                         images.transpose(0, 3, 1, 2), STEPS, variant=variant)
     assert ref["counts"].sum() > 0 and ref["layer_spikes"].min() > 0
     run = jax.jit(bitnet_jax.run, static_argnums=(0, 3), static_argnames="engine")
