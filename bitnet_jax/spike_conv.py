@@ -118,6 +118,108 @@ def _dense(x, kernel):
                                       precision=jax.lax.Precision.HIGHEST)
 
 
+# ------------------------------------------------------------------------------------------
+# Sharding: the kernels see one device's share of the batch.
+#
+# XLA cannot look inside a custom call, so by default it gathers a batch-sharded input onto every
+# device and runs the whole batch there. Each op is therefore wrapped in `custom_partitioning`:
+# the images of a batch are independent, so with the batch dimension sharded over some mesh axes
+# every device calls the kernel on its own images, and everything else (spatial dims, channels,
+# time, the kernel, the bias) is replicated. Outside a sharded jit it is the plain call.
+
+# Per op: the einsum-like Shardy rule (n = the batch, the only factor that may stay sharded),
+# the batch dimension of each operand and of each result (None: replicated).
+_RULES = {
+    "conv": ("n h w i, a b i o -> n h w o", (0, None), (0,)),
+    "layer": ("t n h w i, a b i o, o, n h w o -> t n p q o, n h w o, n", (1, None, None, 0),
+              (1, 0, 0)),
+    "neuron": ("n h w c, n h w c -> t n p q c, n h w c, n", (0, 0), (1, 0, 0)),
+}
+
+
+def _ffi(op: str, dtype: np.dtype, pool: bool | None, steps: int | None):
+  """`f(*operands)` calling the kernel of `op` on whatever (per-device) shapes it is given."""
+  name = f"bitnet_spike_{op}_{_SUFFIX[dtype]}"
+
+  def call(*args):
+    if op == "conv":
+      x, kernel = args
+      out = jax.ShapeDtypeStruct(x.shape[:3] + kernel.shape[3:], x.dtype)
+      return jax.ffi.ffi_call(name, out, vmap_method="sequential")(x, kernel)
+    if op == "layer":
+      x, state = args[0], args[3]
+      return tuple(jax.ffi.ffi_call(name, _outputs(x.shape[0], state, pool),
+                                    vmap_method="sequential",
+                                    input_output_aliases={3: 1})(*args, pool=pool))
+    pred, state = args
+    return tuple(jax.ffi.ffi_call(name, _outputs(steps, state, pool), vmap_method="sequential",
+                                  input_output_aliases={1: 1})(
+                                      pred, state, pool=pool, steps=np.int64(steps)))
+  return call
+
+
+def _batch_spec(sharding, dim: int):
+  """`sharding`'s mesh axes of dimension `dim` (None: unsharded or not a NamedSharding)."""
+  spec = getattr(sharding, "spec", None)
+  if spec is None or dim >= len(spec):
+    return None
+  return spec[dim]
+
+
+def _shardings(mesh, axes, shapes, dims):
+  """NamedShardings that shard dimension `dims[k]` of `shapes[k]` over `axes`, nothing else."""
+  out = []
+  for shape, dim in zip(shapes, dims):
+    spec = [None] * len(shape.shape)
+    if dim is not None:
+      spec[dim] = axes
+    out.append(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+  return tuple(out)
+
+
+@functools.cache
+def _batch_partitioned(op: str, dtype: np.dtype, pool: bool | None = None,
+                       steps: int | None = None):
+  """The kernel of `op` as an op that XLA's SPMD partitioner splits over the batch.
+
+  Args:
+    op: "conv", "layer" or "neuron".
+    dtype: float32 or float64.
+    pool, steps: the static settings of `layer` / `neuron`.
+
+  Returns:
+    `f(*operands)` with the operands and results of the op; under a jit whose batch is sharded,
+    each device's kernel call gets only its shard of the batch (one image per device of a
+    4-image batch on 4 devices), and the results stay sharded the same way.
+  """
+  from jax.experimental.custom_partitioning import custom_partitioning  # pylint: disable=import-outside-toplevel
+  rule, in_dims, out_dims = _RULES[op]
+  call = _ffi(op, dtype, pool, steps)
+  partitioned = custom_partitioning(call)
+
+  def batch_axes(arg_shapes):
+    return _batch_spec(arg_shapes[0].sharding, in_dims[0])
+
+  def results(result_shape):
+    return result_shape if isinstance(result_shape, (tuple, list)) else (result_shape,)
+
+  def infer(mesh, arg_shapes, result_shape):
+    out = _shardings(mesh, batch_axes(arg_shapes), results(result_shape), out_dims)
+    return out if op != "conv" else out[0]
+
+  def partition(mesh, arg_shapes, result_shape):
+    axes = batch_axes(arg_shapes)
+    out = _shardings(mesh, axes, results(result_shape), out_dims)
+    return (mesh, call, out if op != "conv" else out[0],
+            _shardings(mesh, axes, arg_shapes, in_dims))
+
+  # Every factor but the batch, in order of first appearance (Shardy wants them sorted so).
+  factors = tuple(dict.fromkeys(rule.replace(",", " ").replace("->", " ").split()))
+  partitioned.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                            need_replication_factors=tuple(f for f in factors if f != "n"))
+  return partitioned
+
+
 @jax.custom_vjp
 def conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """3x3 'SAME' convolution (no bias) of 0/1 spikes, skipping the zeros.
@@ -130,9 +232,7 @@ def conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     (N, H, W, Co) in x's dtype.
   """
   _check("conv", x, kernel)
-  out = jax.ShapeDtypeStruct(x.shape[:3] + kernel.shape[3:], x.dtype)
-  return jax.ffi.ffi_call(f"bitnet_spike_conv_{_SUFFIX[np.dtype(x.dtype)]}", out,
-                          vmap_method="sequential")(x, kernel)
+  return _batch_partitioned("conv", np.dtype(x.dtype))(x, kernel)
 
 
 def _check(op, x, kernel, *more):
@@ -211,10 +311,7 @@ def layer(x, kernel, bias, state, pool: bool, surrogate: str):
     raise ValueError(f"spike_conv.layer: expected a ({co},) bias and an {x.shape[1:4] + (co,)} "
                      f"state for spikes {x.shape} and kernel {kernel.shape}, got {bias.shape} "
                      f"and {state.shape}")
-  call = jax.ffi.ffi_call(f"bitnet_spike_layer_{_SUFFIX[np.dtype(x.dtype)]}",
-                          _outputs(x.shape[0], state, pool), vmap_method="sequential",
-                          input_output_aliases={3: 1})
-  return tuple(call(x, kernel, bias, state, pool=pool))
+  return tuple(_batch_partitioned("layer", np.dtype(x.dtype), pool)(x, kernel, bias, state))
 
 
 def _layer_fwd(x, kernel, bias, state, pool, surrogate):
@@ -253,10 +350,7 @@ def neuron(pred, state, steps: int, pool: bool, surrogate: str):
   if not (isinstance(steps, int) and steps >= 1):
     raise ValueError(f"spike_conv.neuron: steps must be an int >= 1, got {steps!r}")
   check_available()
-  call = jax.ffi.ffi_call(f"bitnet_spike_neuron_{_SUFFIX[np.dtype(pred.dtype)]}",
-                          _outputs(steps, state, pool), vmap_method="sequential",
-                          input_output_aliases={1: 1})
-  return tuple(call(pred, state, pool=pool, steps=np.int64(steps)))
+  return tuple(_batch_partitioned("neuron", np.dtype(pred.dtype), pool, steps)(pred, state))
 
 
 def _neuron_fwd(pred, state, steps, pool, surrogate):

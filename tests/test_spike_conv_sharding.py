@@ -1,0 +1,119 @@
+"""Sparse synapses under data parallelism: with the batch sharded over 4 CPU devices, each
+device's `spike_conv` kernel call sees only its share of the batch, and the spike counts are
+those of one device.
+
+The device count of this test process is fixed when JAX starts, so the 4-device run is a
+subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bitnet_jax import spike_conv
+
+_OK, _WHY = spike_conv.available()
+pytestmark = pytest.mark.skipif(not _OK, reason=f"spike_conv kernel unavailable: {_WHY}")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Batch 20 over 4 devices = 5 images per device; no other dimension of the model (T=3,
+# 32/16/8/4/2 pixels, 3/16/32/64/128 channels, 10 classes) is 5 or 20, so the custom calls'
+# shapes show which batch each call gets.
+_SCRIPT = r"""
+import json, re
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import bitnet_jax
+from bitnet_jax import datasets, engines, spike_conv, trainer
+from configs import default
+
+assert jax.device_count() == 4, jax.devices()
+B, T = 20, 3
+mesh = Mesh(np.array(jax.devices()), ("data",))
+sharded, one = NamedSharding(mesh, P("data")), jax.devices()[0]
+model = bitnet_jax.create_model(fs=0.25, num_classes=10, seed=0, sparse=True)
+params = jax.tree_util.tree_map(lambda a: a * 2.0, model.params)  # every layer fires
+images = np.random.default_rng(0).normal(size=(B, 32, 32, 3)).astype(np.float32)
+
+def calls(compiled):
+  # (op, [every dimension of every shape on the line]) per kernel call in the compiled HLO
+  out = []
+  for line in compiled.as_text().splitlines():
+    m = re.search(r'custom_call_target="bitnet_spike_(\w+)_f32"', line)
+    if m:
+      dims = [int(d) for s in re.findall(r"f32\[([\d,]*)\]", line) for d in s.split(",") if d]
+      out.append((m.group(1), dims))
+  return out
+
+result = {}
+for engine in ("parallel", "scan"):
+  f = jax.jit(lambda p, x, e=engine: engines.run(model.module, p, x, T, engine=e))
+  full = f(jax.device_put(params, one), jax.device_put(images, one))
+  split = f(params, jax.device_put(images, sharded))
+  compiled = f.lower(params, jax.device_put(images, sharded)).compile()
+  equal = all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(full),
+                                                    jax.tree_util.tree_leaves(split)))
+  result[engine] = {"equal": equal, "fired": float(full.layer_spikes.sum()),
+                    "sharded_out": str(split.layer_spikes.sharding.spec), "calls": calls(compiled),
+                    "one_device_calls": calls(f.lower(jax.device_put(params, one),
+                                                      jax.device_put(images, one)).compile())}
+
+spikes = (np.random.default_rng(1).random((B, 8, 8, 16)) < 0.2).astype(np.float32)
+kernel = np.random.default_rng(2).normal(size=(3, 3, 16, 24)).astype(np.float32)
+conv = jax.jit(spike_conv.conv)
+result["conv"] = {
+    "equal": bool(np.array_equal(conv(spikes, kernel), conv(jax.device_put(spikes, sharded),
+                                                           kernel))),
+    "calls": calls(conv.lower(jax.device_put(spikes, sharded), kernel).compile())}
+
+config = default.get_config()
+config.update(fs=0.25, time_steps=T, batch_size=B, synapses="sparse")
+info = datasets.DatasetInfo(name="x", num_classes=10, image_shape=(32, 32, 3), num_train=100,
+                            num_test=10, mean=(0.5,) * 3, std=(0.25,) * 3)
+step, init = trainer.standalone_train_step(config, info)
+state = jax.eval_shape(init, jax.random.PRNGKey(0))
+batch = {"image": jax.ShapeDtypeStruct((B, 32, 32, 3), np.uint8, sharding=sharded),
+         "label": jax.ShapeDtypeStruct((B,), np.int32, sharding=sharded)}
+result["train_step"] = {"calls": calls(step.lower(state, batch).compile())}
+print("RESULT" + json.dumps(result))
+"""
+
+
+@pytest.fixture(scope="module")
+def four_devices():
+  out = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                             XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+  return json.loads(out.stdout.split("RESULT")[-1])
+
+
+def _assert_per_device_batch(calls, ops):
+  assert {op for op, _ in calls} == set(ops), calls
+  for op, dims in calls:
+    assert 5 in dims and 20 not in dims, f"{op} call sees the whole batch: {dims}"
+
+
+@pytest.mark.parametrize("engine", ["parallel", "scan"])
+def test_sharded_model_counts_equal_one_device(four_devices, engine):
+  r = four_devices[engine]
+  assert r["fired"] > 0 and r["equal"]
+  assert r["sharded_out"] == "P('data',)"  # (B, 6) spikes per layer: split by image
+  _assert_per_device_batch(r["calls"], ["neuron", "layer"])
+  assert all(20 in dims for _, dims in r["one_device_calls"])  # the check can tell them apart
+
+
+def test_sharded_conv_equals_one_device(four_devices):
+  r = four_devices["conv"]
+  assert r["equal"]
+  _assert_per_device_batch(r["calls"], ["conv"])
+
+
+def test_train_step_kernels_see_the_device_batch(four_devices):
+  """The real train step (`synapses=sparse`, global batch 20 on 4 devices): every forward
+  kernel call is on 5 images; the dense backward is partitioned by XLA as usual."""
+  _assert_per_device_batch(four_devices["train_step"]["calls"], ["neuron", "layer"])
