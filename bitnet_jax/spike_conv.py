@@ -12,7 +12,9 @@
   pred (the first layer, whose input is the image).
 
 Both differentiate as the dense computations do (`jax.custom_vjp`: the backward recomputes
-them densely), so a model that uses them still trains.
+them densely), so a model that uses them still trains. Under a jit whose batch is sharded over
+several devices (data parallelism), each device's kernel runs on its own images only
+(`custom_partitioning`, see "Sharding" below).
 
 The kernel is C++ built on first use with the host's compiler (`$CXX`, else `c++`/`g++`;
 `-O3 -march=native`) against the XLA FFI headers that jaxlib ships, and cached in
