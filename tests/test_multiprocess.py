@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from bitnet_jax import checkpointing
+from bitnet_jax import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny model on the shipped Fashion-MNIST subset: 64 training images in global batches of 8
@@ -193,20 +194,27 @@ def test_only_process_0_writes_metrics_and_progress(one_process, two_processes):
     assert line not in out1, f"process 1 printed {line!r}:\n{out1[-3000:]}"
 
 
-def test_eval_py_over_two_processes_of_two_devices(two_processes, logdir, tmp_path):
-  """eval.py on 2 processes x 2 devices (a global batch of 8 = 2 images per device) restores
-  the checkpoint saved by another device layout and counts the 20 test images once."""
+@pytest.mark.parametrize("num_processes,devices", [(2, 2), (4, 1)])
+def test_eval_py_over_several_processes(two_processes, logdir, tmp_path, num_processes,
+                                        devices):
+  """eval.py on 2 processes x 2 devices and on 4 processes x 1 device (a global batch of 8 = 2
+  images per device; the last batch's 4 images all on the first 2 devices, the other devices
+  get only padding) restores the checkpoint saved under another device layout and counts the
+  20 test images once."""
   workdir, _ = two_processes
   out = tmp_path / "eval.json"
-  with _job(logdir, "eval", workdir, "--which", "latest", "--json", str(out), devices=2, script="eval.py") as job:
+  with _job(logdir, f"eval{num_processes}x{devices}", workdir, "--which", "latest", "--json",
+            str(out), num_processes=num_processes, devices=devices, script="eval.py") as job:
     job.check()
     assert f"{TEST_IMAGES} test images" in job.output(0)
-    assert "test images" not in job.output(1)
+    for i in range(1, num_processes):
+      assert "test images" not in job.output(i)
   with open(out) as f:
     result = json.load(f)
   final = [r for r in _records(workdir) if r["kind"] == "eval"][-1]
   assert result["n"] == TEST_IMAGES and result["top1"] == final["top1"]
-  assert result["loss"] == pytest.approx(final["loss"], rel=1e-6)  # summed over 4 devices
+  # Summed over 4 devices instead of 2: float rounding only.
+  assert result["loss"] == pytest.approx(final["loss"], rel=1e-6)
 
 
 def test_kill_9_one_process_then_restart_all_resumes_exactly(two_processes, logdir, tmp_path):
@@ -263,3 +271,20 @@ def test_signals_save_one_agreed_step(logdir, tmp_path):
   again = _saved_step(out0)
   assert "SIGINT" in out0 and again > step
   assert max(_steps(tmp_path)) == again
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(coordinator_address="localhost:1234"), r"give all of .* missing \['num_processes', "
+     r"'process_id'\]"),
+    (dict(num_processes=2, process_id=0), r"missing \['coordinator_address'\]"),
+    (dict(coordinator_address="localhost:1234", num_processes=2, process_id=2),
+     r"process_id must be an int in \[0, 2\), got 2"),
+    (dict(coordinator_address="localhost:1234", num_processes=0, process_id=0),
+     "num_processes must be an int >= 1, got 0"),
+    (dict(coordinator_address="localhost", num_processes=2, process_id=0),
+     "coordinator_address must be host:port, got 'localhost'"),
+    (dict(timeout_s=0), "timeout_s must be an int >= 1, got 0"),
+])
+def test_distributed_settings_are_checked_before_connecting(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    distributed.initialize(**kwargs)
