@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -27,24 +28,23 @@ ROOT = Path(__file__).resolve().parent.parent
 # in-tree build/ and *.egg-info would collide with other runs).
 PACKAGE_FILES = ("pyproject.toml", "requirements.txt", "README.md", "bitnet_jax")
 
-# Run by the test process and by the installed package (from outside the repository): the same
-# tiny model's class scores, dense and (where the kernel builds) with sparse synapses.
+# Run by the test process and by the installed package (from outside the repository): a tiny
+# model's class scores.
 COUNTS = """
 import jax, numpy as np, bitnet_jax
-def tiny_counts(sparse):
-  model = bitnet_jax.create_model(fs=0.25, num_classes=10, seed=0, sparse=sparse)
+def tiny_counts():
+  model = bitnet_jax.create_model(fs=0.25, num_classes=10, seed=0)
   model = model.replace(params=jax.tree_util.tree_map(lambda a: 2 * a, model.params))  # fires
   images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
   return np.asarray(bitnet_jax.spike_counts(model, images, steps=4))  # (2, 10)
 """
 
+# Also builds (or finds) the sparse-synapse kernel from the installed source.
 PROBE = COUNTS + """
 import json, sys
 from bitnet_jax import spike_conv
 ok, why = spike_conv.available()
-np.save(sys.argv[1] + "/dense.npy", tiny_counts(False))
-if ok:
-  np.save(sys.argv[1] + "/sparse.npy", tiny_counts(True))
+np.save(sys.argv[1] + "/counts.npy", tiny_counts())
 print(json.dumps({"file": bitnet_jax.__file__, "source": str(spike_conv.SOURCE),
                   "cache": str(spike_conv._cache_dir()), "kernel": [ok, why],
                   "cached": sorted(p.name for p in spike_conv._cache_dir().glob("*.so"))}))
@@ -100,7 +100,6 @@ def test_floors_pins_and_pyproject_agree():
   pins = {name: single_bound(req, "==")
           for name, req in read_requirements(ROOT / "requirements-min.txt").items()}
   assert floors == pins
-  tomllib = pytest.importorskip("tomllib", reason="Python < 3.11 has no tomllib")
   project = tomllib.loads((ROOT / "pyproject.toml").read_text())
   assert "dependencies" not in project["project"]
   assert "dependencies" in project["project"]["dynamic"]
@@ -151,6 +150,7 @@ def _pip_install(python, *target):
 def test_pip_install_then_run_from_outside_the_repository(tmp_path):
   """`pip install .` then `pip install -e .`, each used from a directory outside the checkout."""
   src = tmp_path / "src"
+  src.mkdir()
   for name in PACKAGE_FILES:
     if (ROOT / name).is_dir():
       shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -171,14 +171,13 @@ def test_pip_install_then_run_from_outside_the_repository(tmp_path):
 
   namespace = {}
   exec(COUNTS, namespace)  # pylint: disable=exec-used
-  dense = namespace["tiny_counts"](False)
-  assert dense.sum() > 0
-  np.testing.assert_array_equal(np.load(work / "dense.npy"), dense)
+  counts = namespace["tiny_counts"]()
+  assert counts.sum() > 0
+  np.testing.assert_array_equal(np.load(work / "counts.npy"), counts)
   ok, why = spike_conv.available()
   assert got["kernel"] == [ok, why]
-  if ok:  # the installed source built (or found) the same kernel, in the default cache
-    assert got["cached"], f"no kernel in {got['cache']}"
-    np.testing.assert_array_equal(np.load(work / "sparse.npy"), namespace["tiny_counts"](True))
+  if ok:  # the installed source built (or found) the kernel, in the default cache
+    assert any(name.startswith("spike_conv-") for name in got["cached"]), got
 
   metadata = _run([python, "-c", "import importlib.metadata as m; "
                    "print('\\n'.join(m.requires('bitnet-jax')))"], cwd=work)
