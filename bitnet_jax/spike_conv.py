@@ -192,7 +192,8 @@ def _batch_partitioned(op: str, dtype: np.dtype, pool: bool | None = None,
   Returns:
     `f(*operands)` with the operands and results of the op; under a jit whose batch is sharded,
     each device's kernel call gets only its shard of the batch (one image per device of a
-    4-image batch on 4 devices), and the results stay sharded the same way.
+    4-image batch on 4 devices), and the results stay sharded the same way; under `jax.vmap`,
+    one call per vmapped element.
   """
   from jax.experimental.custom_partitioning import custom_partitioning  # pylint: disable=import-outside-toplevel
   rule, in_dims, out_dims = _RULES[op]
@@ -219,7 +220,21 @@ def _batch_partitioned(op: str, dtype: np.dtype, pool: bool | None = None,
   factors = tuple(dict.fromkeys(rule.replace(",", " ").replace("->", " ").split()))
   partitioned.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
                             need_replication_factors=tuple(f for f in factors if f != "n"))
-  return partitioned
+
+  # custom_partitioning has no batching rule: under jax.vmap, call it once per vmapped element
+  # (what the plain ffi_call's vmap_method="sequential" did).
+  op_fn = jax.custom_batching.custom_vmap(lambda *args: partitioned(*args))
+
+  @op_fn.def_vmap
+  def _sequential(axis_size, in_batched, *args):
+    del axis_size
+    def one(batched):
+      it = iter(batched)
+      return op_fn(*[next(it) if b else a for a, b in zip(args, in_batched)])
+    out = jax.lax.map(one, [a for a, b in zip(args, in_batched) if b])
+    return out, jax.tree_util.tree_map(lambda _: True, out)
+
+  return op_fn
 
 
 @jax.custom_vjp

@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from bitnet_jax import spike_conv
@@ -117,3 +119,20 @@ def test_train_step_kernels_see_the_device_batch(four_devices):
   """The real train step (`synapses=sparse`, global batch 20 on 4 devices): every forward
   kernel call is on 5 images; the dense backward is partitioned by XLA as usual."""
   _assert_per_device_batch(four_devices["train_step"]["calls"], ["neuron", "layer"])
+
+
+def test_vmap_calls_the_kernel_per_element():
+  """custom_partitioning has no batching rule of its own; vmap still works (one kernel call per
+  vmapped element, as the plain ffi_call's vmap_method="sequential" did)."""
+  rng = np.random.default_rng(0)
+  x = (rng.random((2, 3, 8, 8, 4)) < 0.3).astype(np.float32)  # (V, N, H, W, Ci)
+  kernels = rng.normal(size=(2, 3, 3, 4, 5)).astype(np.float32)  # (V, 3, 3, Ci, Co)
+  got = jax.jit(jax.vmap(spike_conv.conv))(x, kernels)
+  want = np.stack([spike_conv.conv(xi, ki) for xi, ki in zip(x, kernels)])
+  np.testing.assert_array_equal(got, want)
+  state, bias = np.zeros((3, 8, 8, 5), np.float32), np.zeros(5, np.float32)
+  steps = (rng.random((2, 4, 3, 8, 8, 4)) < 0.3).astype(np.float32)  # (V, T, N, H, W, Ci)
+  got = jax.vmap(lambda s: spike_conv.layer(s, kernels[0], bias, state, True, "ste"))(steps)
+  for i, s in enumerate(steps):
+    for g, w in zip(got, spike_conv.layer(s, kernels[0], bias, state, True, "ste")):
+      np.testing.assert_array_equal(g[i], w)
