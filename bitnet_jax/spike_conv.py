@@ -33,6 +33,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
 
 from bitnet_jax import neuron as bitnet_neuron  # this module's `neuron` is the fused op
 
@@ -195,7 +196,6 @@ def _batch_partitioned(op: str, dtype: np.dtype, pool: bool | None = None,
     4-image batch on 4 devices), and the results stay sharded the same way; under `jax.vmap`,
     one call per vmapped element.
   """
-  from jax.experimental.custom_partitioning import custom_partitioning  # pylint: disable=import-outside-toplevel
   rule, in_dims, out_dims = _RULES[op]
   call = _ffi(op, dtype, pool, steps)
   partitioned = custom_partitioning(call)
