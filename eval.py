@@ -28,6 +28,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from bitnet_jax import distributed
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding orbax checkpoints.")
@@ -40,13 +42,7 @@ _SPARSITY = flags.DEFINE_bool("sparsity", False, "Print the per-layer sparsity t
 _SCORE = flags.DEFINE_enum("score", "count", ["count", "potential"], "How classes are scored.")
 _JSON = flags.DEFINE_string("json", None, "Write the metrics to this JSON file.")
 _PLOT = flags.DEFINE_string("plot", None, "PNG path of the sweep plot.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 "
-                                   "(multi-process runs without a scheduler).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
-_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300, "Seconds to wait for the other "
-                                "processes (connect, heartbeat, exit).")
+distributed.define_flags()  # --distributed, --coordinator_address, ...
 
 
 def main(argv):
@@ -54,11 +50,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=import-outside-toplevel
-  from bitnet_jax import distributed, evaluate, plots  # pylint: disable=import-outside-toplevel
-  if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value is not None or (
-      _PROCESS_ID.value is not None):
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                           _TIMEOUT.value)
+  from bitnet_jax import evaluate, plots  # pylint: disable=import-outside-toplevel
+  distributed.initialize_from_flags()
   if not (_WORKDIR.value or _TORCH.value):
     raise app.UsageError("give --workdir (a training run) or --torch_checkpoint (a .ckpt)")
   try:

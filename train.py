@@ -25,18 +25,14 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from bitnet_jax import distributed
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default workdirs/<config name>.")
 _STEPS = flags.DEFINE_integer("steps", None, "Time steps at evaluation (overrides "
                               "config.eval_time_steps).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 "
-                                   "(multi-process runs without a scheduler).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
-_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300, "Seconds to wait for the other "
-                                "processes (connect, heartbeat, exit).")
+distributed.define_flags()  # --distributed, --coordinator_address, ...
 
 
 def main(argv):
@@ -44,11 +40,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   import jax  # pylint: disable=import-outside-toplevel
-  from bitnet_jax import distributed, trainer  # pylint: disable=import-outside-toplevel
-  if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value is not None or (
-      _PROCESS_ID.value is not None):
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                           _TIMEOUT.value)
+  from bitnet_jax import trainer  # pylint: disable=import-outside-toplevel
+  distributed.initialize_from_flags()
   config = _CONFIG.value
   if _STEPS.value is not None:
     with config.unlocked():

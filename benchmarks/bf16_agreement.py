@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bitnet_jax import checkpointing, datasets, engines, input_pipeline, models, trainer  # noqa: E402
+from bitnet_jax import build, checkpointing, datasets, engines, input_pipeline, models  # noqa: E402
 
 
 def counts_fn(module, steps):
@@ -44,7 +44,7 @@ def main(argv=None):
 
   config = runpy.run_path(args.config)["get_config"]()
   info = datasets.get_dataset_info(config)
-  base = trainer.make_module(config, info)
+  base = build.make_module(config, info)
   params, meta = checkpointing.load_params(args.workdir, "latest")
   checkpointing.check_architecture(meta["arch"], checkpointing.architecture(base), meta["source"])
   images_u8, _ = datasets.get_source(config, "test").read(np.arange(args.n))

@@ -146,7 +146,7 @@ def child_train(args) -> dict:
   """The real train step (`trainer.make_train_step`), SGD with momentum like the baseline."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from bitnet_jax import datasets, trainer  # pylint: disable=import-outside-toplevel
+  from bitnet_jax import build, datasets, input_pipeline, trainer  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
 
   _, params, images, labels = _load(args)
@@ -159,9 +159,9 @@ def child_train(args) -> dict:
   info = datasets.DatasetInfo(name="synthetic", num_classes=args.classes,
                               image_shape=images.shape[1:], num_train=len(images), num_test=1,
                               mean=CIFAR_MEAN, std=CIFAR_STD)
-  module = trainer.make_module(config, info)
+  module = build.make_module(config, info)
   tx = trainer.make_optimizer(config, 1, 1000)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  mesh = input_pipeline.data_mesh()
   step = trainer.make_train_step(module, config, tx, info, mesh)
   params = jax.tree_util.tree_map(jnp.asarray, params)
   state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,

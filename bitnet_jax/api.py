@@ -43,12 +43,9 @@ def create_model(variant: str = "BITnet6", *, fs: float, num_classes: int, img_s
   Returns:
     A `Model`.
   """
-  if variant not in models.VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}: expected one of {tuple(models.VARIANTS)}")
-  module = models.VARIANTS[variant](fs=fs, num_classes=num_classes, img_size=img_size,
-                                    in_channels=in_channels, surrogate=surrogate, dtype=dtype,
-                                    kernel_parts=kernel_parts, sparse=sparse,
-                                    precision=precision)
+  module = models.create_module(variant, fs=fs, num_classes=num_classes, img_size=img_size,
+                                in_channels=in_channels, surrogate=surrogate, dtype=dtype,
+                                kernel_parts=kernel_parts, sparse=sparse, precision=precision)
   dummy = jnp.zeros((1, img_size, img_size, in_channels), jnp.float32)
   if params is None:
     params = jax.jit(module.init)(jax.random.PRNGKey(seed), dummy)["params"]
@@ -69,27 +66,28 @@ def count_params(model_or_params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
-@functools.partial(jax.jit, static_argnames=("module", "steps", "engine", "chunk"))
-def _counts(module, params, images, steps, engine, chunk):
-  return engines.run(module, params, images, steps, engine=engine, chunk=chunk).out_spikes.sum(0)
+@functools.partial(jax.jit, static_argnames=("module", "time_steps", "engine", "chunk"))
+def _counts(module, params, images, time_steps, engine, chunk):
+  return engines.run(module, params, images, time_steps, engine=engine,
+                     chunk=chunk).out_spikes.sum(0)
 
 
-def spike_counts(model: Model, images, steps: int, *, engine: str = "parallel",
+def spike_counts(model: Model, images, time_steps: int, *, engine: str = "parallel",
                  chunk: int = 0) -> jax.Array:
-  """The release's class scores: spikes of the last layer summed over `steps` time steps.
+  """The release's class scores: spikes of the last layer summed over `time_steps` steps.
 
   Args:
     model: a `Model`.
     images: (B, H, W, C) normalised images (NHWC).
-    steps: number of time steps T >= 1.
+    time_steps: number of time steps T >= 1.
     engine: "parallel" (default) or "scan"; both give the same counts.
     chunk: time steps per chunk of the parallel engine (0 = all at once).
 
   Returns:
-    (B, num_classes) float32 spike counts in [0, steps]; prediction = argmax (first maximum).
+    (B, num_classes) float32 spike counts in [0, T]; prediction = argmax (first maximum).
   """
   images = jnp.asarray(images)
-  engines.check_inputs(model.module, images, steps)
+  engines.check_inputs(model.module, images, time_steps)
   engines.parse_remat(engine, "none")
   images = images.astype(model.module.state_dtype)
-  return _counts(model.module, model.params, images, steps, engine, chunk)
+  return _counts(model.module, model.params, images, time_steps, engine, chunk)

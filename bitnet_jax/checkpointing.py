@@ -14,9 +14,10 @@ saving leaves the previous checkpoints intact.
 import os
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
+
+from bitnet_jax import input_pipeline
 
 ARCH_FIELDS = ("variant", "fs", "num_classes", "img_size", "in_channels")
 
@@ -122,7 +123,7 @@ def load_params(workdir: str, which: str = "best", step: int | None = None):
       continue
     # Restored replicated on this run's devices: without a target orbax would rebuild the saving
     # run's sharding, whose devices need not exist here (another process or device count).
-    replicated = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec())
+    replicated = NamedSharding(input_pipeline.data_mesh(), PartitionSpec())
     abstract = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
         manager.item_metadata(chosen)["state"])

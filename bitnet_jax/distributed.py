@@ -10,6 +10,7 @@ whose default is "gloo" in jax 0.10), so a multi-process run works on one machin
 accelerator.
 """
 
+from absl import flags
 import jax
 
 
@@ -52,3 +53,23 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                              initialization_timeout=timeout_s,
                              heartbeat_timeout_seconds=timeout_s,
                              shutdown_timeout_seconds=timeout_s)
+
+
+def define_flags() -> None:
+  """Defines the multi-process flags of train.py and eval.py (call once, at module level)."""
+  flags.DEFINE_bool("distributed", False, "Join a multi-process job (jax.distributed), found "
+                    "from the scheduler (SLURM, Cloud TPU, ...) or the three flags below.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs "
+                      "without a scheduler).")
+  flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+  flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
+  flags.DEFINE_integer("distributed_timeout_s", 300, "Seconds to wait for the other processes "
+                       "(connect, heartbeat, exit).")
+
+
+def initialize_from_flags() -> None:
+  """`initialize` with the flags of `define_flags`, when any of them asks for a job."""
+  f = flags.FLAGS
+  if f.distributed or f.coordinator_address or f.num_processes is not None or (
+      f.process_id is not None):
+    initialize(f.coordinator_address, f.num_processes, f.process_id, f.distributed_timeout_s)

@@ -69,14 +69,14 @@ def parse_remat(engine: str, remat: str, surrogate: "str | None" = None) -> int 
                    f"{allowed[engine]}")
 
 
-def check_inputs(module: models.BITnet6, images, steps):
-  """Raises ValueError unless images are (B, img_size, img_size, in_channels) and steps >= 1."""
+def check_inputs(module: models.BITnet6, images, time_steps):
+  """Raises ValueError unless images are (B, img_size, img_size, in_channels) and T >= 1."""
   want = (module.img_size, module.img_size, module.in_channels)
   if getattr(images, "ndim", None) != 4 or tuple(images.shape[1:]) != want:
     raise ValueError(f"images must be NHWC of shape (B, {want[0]}, {want[1]}, {want[2]}) for "
                      f"this model, got shape {getattr(images, 'shape', type(images))}")
-  if not (isinstance(steps, int) and steps >= 1):
-    raise ValueError(f"steps (time steps T) must be an int >= 1, got {steps!r}")
+  if not (isinstance(time_steps, int) and time_steps >= 1):
+    raise ValueError(f"time_steps (T) must be an int >= 1, got {time_steps!r}")
 
 
 def run(module: models.BITnet6, params, images: jax.Array, time_steps: int, *,

@@ -9,9 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitnet_jax import build
+from bitnet_jax import checkpointing
+from bitnet_jax import datasets
 from bitnet_jax import engines
 from bitnet_jax import input_pipeline
 from bitnet_jax import losses
+from bitnet_jax import release
+from bitnet_jax import torch_checkpoint
 from bitnet_jax import twin
 
 SCORES = ("count", "potential")
@@ -120,13 +125,9 @@ def run_evaluation(config, *, workdir: str | None = None, which: str = "best",
   Returns:
     The metrics of `summarize`, plus "checkpoint" (where the parameters came from).
   """
-  # Imported here: trainer imports this module for its periodic validation.
-  from bitnet_jax import checkpointing, datasets, release, torch_checkpoint, trainer  # pylint: disable=import-outside-toplevel
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
-
-  trainer.validate_config(config)
+  build.validate_config(config)
   info = datasets.get_dataset_info(config)
-  module = trainer.make_module(config, info)
+  module = build.make_module(config, info)
   if torch_ckpt:
     params = release.to_flax_params(
         torch_checkpoint.read_state_dict(torch_ckpt), variant=config.variant, fs=config.fs,
@@ -140,16 +141,16 @@ def run_evaluation(config, *, workdir: str | None = None, which: str = "best",
   else:
     raise ValueError("nothing to evaluate: give a workdir or a torch_ckpt")
   sweep = tuple(sorted(set(sweep)))
-  steps = max((config.eval_time_steps,) + sweep)
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  params = jax.device_put(params, NamedSharding(mesh, P()))
+  time_steps = max((config.eval_time_steps,) + sweep)
+  mesh = input_pipeline.data_mesh()
+  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   neuron = config.get("neuron", "bddi")
-  eval_step = make_eval_step(module, time_steps=steps, mean=info.mean, std=info.std,
+  eval_step = make_eval_step(module, time_steps=time_steps, mean=info.mean, std=info.std,
                              loss=config.loss, logit_scale=config.logit_scale,
                              engine=config.engine, chunk=config.chunk, sweep=sweep, score=score,
                              neuron=neuron)
   sums = evaluate(eval_step, params, input_pipeline.create_eval_iter(config, info), mesh)
-  result = summarize(sums, module, 1 if neuron == "relu" else steps, sweep)
+  result = summarize(sums, module, 1 if neuron == "relu" else time_steps, sweep)
   result.update(checkpoint=source, dataset=info.name, score=score)
   return result
 

@@ -269,6 +269,11 @@ def normalize(image: jax.Array, mean, std) -> jax.Array:
   return (image.astype(jnp.float32) / 255.0 - mean) / std
 
 
+def data_mesh() -> jax.sharding.Mesh:
+  """The 1-D mesh (axis 'data') over every device of every process that batches are split on."""
+  return jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+
+
 def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
   """Assembles the processes' local batches into global arrays split over mesh axis 'data'.
 

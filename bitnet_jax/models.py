@@ -215,6 +215,13 @@ class BITnet6_v101(BITnet6):  # pylint: disable=invalid-name
 VARIANTS = {"BITnet6": BITnet6, "BITnet6_v101": BITnet6_v101}
 
 
+def create_module(variant: str = "BITnet6", **fields) -> BITnet6:
+  """The module of `variant` with `fields` (see `BITnet6`); the one place modules are built."""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}: expected one of {tuple(VARIANTS)}")
+  return VARIANTS[variant](**fields)
+
+
 # Config names of the synapses' compute: (dtype, kernel_parts). "bfloat16x3" gives float32's spikes
 # (up to summation order) from bfloat16 products; plain "bfloat16" diverges over time steps.
 COMPUTE_DTYPES = {"float32": (jnp.float32, 1), "bfloat16": (jnp.bfloat16, 1),

@@ -80,7 +80,7 @@ def _register() -> str | None:
   if jax.default_backend() != "cpu":
     return f"it runs on CPU only (the default backend is {jax.default_backend()!r})"
   if not hasattr(jax, "ffi"):
-    return f"it needs jax.ffi (jax >= 0.4.38), found jax {jax.__version__}"
+    return f"it needs jax.ffi (jax >= 0.5.0), found jax {jax.__version__}"
   compiler = _compiler()
   if compiler is None:
     return "no C++ compiler found (set $CXX, or install g++)"

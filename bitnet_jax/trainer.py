@@ -27,19 +27,16 @@ import ml_collections
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bitnet_jax import neuron
+from bitnet_jax import build
 from bitnet_jax import checkpointing
 from bitnet_jax import datasets
 from bitnet_jax import engines
 from bitnet_jax import evaluate as evaluate_lib
 from bitnet_jax import input_pipeline
 from bitnet_jax import losses
-from bitnet_jax import models
-from bitnet_jax import spike_conv
 from bitnet_jax import twin
-
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -53,59 +50,6 @@ def init_state(module, tx, rng) -> TrainState:
   dummy = jnp.zeros((1, module.img_size, module.img_size, module.in_channels), jnp.float32)
   params = module.init(rng, dummy)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-
-def validate_config(config: ml_collections.ConfigDict):
-  """Rejects impossible settings before anything is built or compiled."""
-  def need(ok, msg):
-    if not ok:
-      raise ValueError(f"config: {msg}")
-  need(config.variant in models.VARIANTS,
-       f"variant must be one of {tuple(models.VARIANTS)}, got {config.variant!r}")
-  need(config.fs > 0, f"fs must be > 0, got {config.fs}")
-  neuron.get_surrogate(config.surrogate)
-  twin.check_neuron(config.get("neuron", "bddi"))
-  need(config.compute_dtype in models.COMPUTE_DTYPES,
-       f"compute_dtype must be one of {tuple(models.COMPUTE_DTYPES)}, got "
-       f"{config.compute_dtype!r}")
-  precision = config.get("matmul_precision", "highest")  # configs older than the field
-  need(isinstance(precision, str) and precision in models.PRECISIONS,
-       f"matmul_precision must be one of {tuple(models.PRECISIONS)}, got {precision!r}")
-  need(config.synapses in ("dense", "sparse"),
-       f"synapses must be dense or sparse, got {config.synapses!r}")
-  if config.synapses == "sparse":
-    need(config.compute_dtype == "float32",
-         f"synapses=sparse computes in float32, got compute_dtype={config.compute_dtype!r}")
-    spike_conv.check_available()
-  for field in ("time_steps", "eval_time_steps", "batch_size", "eval_batch_size", "num_epochs",
-                "log_every", "checkpoint_every", "keep_checkpoints"):
-    need(isinstance(config[field], int) and config[field] >= 1,
-         f"{field} must be an int >= 1, got {config[field]!r}")
-  engines.parse_remat(config.engine, config.remat, config.surrogate)
-  need(config.chunk >= 0, f"chunk must be >= 0, got {config.chunk}")
-  need(config.loss in losses.LOSSES, f"loss must be one of {losses.LOSSES}, got {config.loss!r}")
-  need(config.optimizer in ("adamw", "sgd"),
-       f"optimizer must be adamw or sgd, got {config.optimizer!r}")
-  need(config.schedule in ("cosine", "constant"),
-       f"schedule must be cosine or constant, got {config.schedule!r}")
-  need(config.learning_rate > 0, f"learning_rate must be > 0, got {config.learning_rate}")
-  need(config.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {config.grad_clip}")
-  need(config.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {config.warmup_epochs}")
-  n = jax.device_count()
-  for field in ("batch_size", "eval_batch_size"):
-    need(config[field] % n == 0, f"{field}={config[field]} does not divide over the {n} "
-         f"devices; use a multiple of {n}")
-
-
-def make_module(config, info: datasets.DatasetInfo) -> models.BITnet6:
-  h, w, c = info.image_shape
-  if h != w:
-    raise ValueError(f"images must be square, dataset {info.name} has {h}x{w}")
-  return models.VARIANTS[config.variant](
-      fs=config.fs, num_classes=info.num_classes, img_size=h, in_channels=c,
-      surrogate=config.surrogate, sparse=config.synapses == "sparse",
-      precision=config.get("matmul_precision", "highest"),  # configs older than the field
-      **models.compute_dtype(config.compute_dtype))
 
 
 def make_optimizer(config, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:
@@ -164,9 +108,9 @@ def standalone_train_step(config, info: datasets.DatasetInfo):
   Returns:
     (step, init): `step(state, batch)` as in training, and `init(rng) -> TrainState`.
   """
-  module = make_module(config, info)
+  module = build.make_module(config, info)
   tx = make_optimizer(config, 100, 1000)
-  mesh = Mesh(np.array(jax.devices()), ("data",))
+  mesh = input_pipeline.data_mesh()
   return make_train_step(module, config, tx, info, mesh), functools.partial(init_state, module, tx)
 
 
@@ -176,9 +120,10 @@ def compile_train_step(config, info: datasets.DatasetInfo):
   `memory_analysis()` gives the step's memory."""
   step, init = standalone_train_step(config, info)
   state = jax.eval_shape(init, jax.random.PRNGKey(0))
+  split = NamedSharding(input_pipeline.data_mesh(), P("data"))  # as shard_batch places it
   batch = {"image": jax.ShapeDtypeStruct((config.batch_size,) + tuple(info.image_shape),
-                                         np.uint8),
-           "label": jax.ShapeDtypeStruct((config.batch_size,), np.int32)}
+                                         np.uint8, sharding=split),
+           "label": jax.ShapeDtypeStruct((config.batch_size,), np.int32, sharding=split)}
   return step.lower(state, batch).compile()
 
 
@@ -254,43 +199,110 @@ def _progress(total: int, initial: int):
   return tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming from `workdir` when it holds a checkpoint) and returns the final metrics."""
-  validate_config(config)
-  info = datasets.get_dataset_info(config)
-  module = make_module(config, info)
-  arch = checkpointing.architecture(module)
-  mesh = Mesh(np.array(jax.devices()), ("data",))
+class _Window:
+  """The training metrics summed since the last log line, and the time they took."""
+
+  def __init__(self, step: int):
+    self.sums, self.start, self.t0 = None, step, time.perf_counter()
+
+  def add(self, metrics: dict):
+    self.sums = metrics if self.sums is None else jax.tree_util.tree_map(jnp.add, self.sums,
+                                                                         metrics)
+
+  def close(self, step: int, batch_size: int, workdir: str) -> dict | None:
+    """The mean metrics and images/s since the last close (None if nothing was added).
+
+    Raises:
+      FloatingPointError: the loss went non-finite; the last good checkpoint is named.
+    """
+    if self.sums is None:
+      return None
+    values = {k: float(v) / (step - self.start) for k, v in jax.device_get(self.sums).items()}
+    if not math.isfinite(values["loss"]):
+      raise FloatingPointError(
+          f"non-finite training loss between optimizer steps {self.start + 1} and {step}; "
+          f"the last good checkpoint (step {self.start}) in {workdir} is kept. Lower "
+          "learning_rate or set grad_clip")
+    values["images_per_s"] = (step - self.start) * batch_size / (time.perf_counter() - self.t0)
+    self.sums, self.start, self.t0 = None, step, time.perf_counter()
+    return values
+
+  def restart_clock(self):
+    """Images/s count training time only: called after validating and saving."""
+    if self.sums is None:
+      self.t0 = time.perf_counter()
+
+
+def _print0(bar, message: str):
+  """Prints on process 0 only, above the progress bar when there is one."""
+  if jax.process_index() != 0:
+    return
+  if bar is not None:
+    bar.write(message)
+  else:
+    print(message, flush=True)
+
+
+def _restore_or_init(ckpts, train_iter, init, arch: dict, mesh, seed: int):
+  """The newest checkpoint's state (and the iterator's position), or a fresh state.
+
+  Returns:
+    (state, best validation top-1 so far, -1 if none).
+  """
   replicated = NamedSharding(mesh, P())
+  state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(seed))
+  restored = ckpts.restore_latest(jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state), arch)
+  if restored is None:
+    return state, -1.0
+  state, data_state, meta = restored
+  train_iter.set_state(data_state)
+  return state, meta.get("best_top1", -1.0)
+
+
+def _validate(eval_step, params, config, info, module, mesh, step: int, steps_per_epoch: int):
+  """Evaluates on the whole test split; the summary of `evaluate.summarize` with the epoch."""
+  relu_twin = config.get("neuron", "bddi") == "relu"
+  sums = evaluate_lib.evaluate(eval_step, params, input_pipeline.create_eval_iter(config, info),
+                               mesh)
+  result = evaluate_lib.summarize(sums, module, 1 if relu_twin else config.eval_time_steps)
+  result["epoch"] = step / steps_per_epoch
+  result["label"] = "ReLU twin" if relu_twin else f"T={config.eval_time_steps}"
+  return result
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from `workdir` when it holds a checkpoint) and returns the final metrics.
+
+  Returns:
+    The last validation's metrics; after SIGINT/SIGTERM also "preempted" (the signal) and
+    "saved_step".
+  """
+  build.validate_config(config)
+  info = datasets.get_dataset_info(config)
+  module = build.make_module(config, info)
+  arch = checkpointing.architecture(module)
+  mesh = input_pipeline.data_mesh()
   steps_per_epoch = input_pipeline.steps_per_epoch(config, info)
   total_steps = steps_per_epoch * config.num_epochs
   if config.max_train_steps > 0:
     total_steps = min(total_steps, config.max_train_steps)
   tx = make_optimizer(config, steps_per_epoch, total_steps)
 
-  state = jax.jit(functools.partial(init_state, module, tx), out_shardings=replicated)(
-      jax.random.PRNGKey(config.seed))
   os.makedirs(workdir, exist_ok=True)
   ckpts = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
   train_iter = input_pipeline.create_train_iter(config, info)
-  restored = ckpts.restore_latest(jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state), arch)
-  best_top1 = -1.0
-  if restored is not None:
-    state, data_state, meta = restored
-    train_iter.set_state(data_state)
-    best_top1 = meta.get("best_top1", -1.0)
+  state, best_top1 = _restore_or_init(ckpts, train_iter, functools.partial(init_state, module, tx),
+                                      arch, mesh, config.seed)
   start = int(state.step)
   meta = {"config": config.to_dict(), "arch": arch, "dataset": info.name}
-
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
-  if jax.process_index() == 0:
-    print(f"BITnet {arch} | {n_params:,} parameters | {info.name}: {info.num_train} train / "
-          f"{info.num_test} test | devices: {jax.device_count()} x {jax.devices()[0].platform} "
-          f"({jax.process_count()} process(es)) | {steps_per_epoch} steps/epoch, "
-          f"{total_steps} total" + (f" | resumed at step {start}" if start else ""), flush=True)
+  _print0(None, f"BITnet {arch} | {n_params:,} parameters | {info.name}: {info.num_train} "
+          f"train / {info.num_test} test | devices: {jax.device_count()} x "
+          f"{jax.devices()[0].platform} ({jax.process_count()} process(es)) | "
+          f"{steps_per_epoch} steps/epoch, {total_steps} total"
+          + (f" | resumed at step {start}" if start else ""))
 
-  relu_twin = twin.check_neuron(config.get("neuron", "bddi")) == "relu"
   train_step = make_train_step(module, config, tx, info, mesh)
   eval_step = evaluate_lib.make_eval_step(
       module, time_steps=config.eval_time_steps, mean=info.mean, std=info.std, loss=config.loss,
@@ -299,73 +311,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = MetricWriter(workdir)
   preempt = _Preemption()
   bar = _progress(total_steps, start)
-  window, window_start, t0, last_good = None, start, time.perf_counter(), start
+  window = _Window(start)
   result = {}
-
-  def check_window(step):
-    """Fetches the metrics summed since the last check; raises if the loss went non-finite."""
-    nonlocal window, window_start, t0, last_good
-    if window is None:
-      return None
-    values = {k: float(v) / (step - window_start) for k, v in jax.device_get(window).items()}
-    if not math.isfinite(values["loss"]):
-      raise FloatingPointError(
-          f"non-finite training loss between optimizer steps {window_start + 1} and {step}; "
-          f"the last good checkpoint (step {last_good}) in {workdir} is kept. Lower "
-          "learning_rate or set grad_clip")
-    values["images_per_s"] = (step - window_start) * config.batch_size / (
-        time.perf_counter() - t0)
-    window, window_start, t0, last_good = None, step, time.perf_counter(), step
-    return values
-
-  def save(step, best=False):
-    ckpts.save(step, state, train_iter.get_state(), dict(meta, best_top1=best_top1), best=best)
-
   try:
     for step in range(start + 1, total_steps + 1):
-      batch = input_pipeline.shard_batch(next(train_iter), mesh)
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, input_pipeline.shard_batch(next(train_iter), mesh))
+      window.add(metrics)
       stop = preempt.agreed()
-      window = metrics if window is None else jax.tree_util.tree_map(jnp.add, window, metrics)
       end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
       if step % config.log_every == 0 or end_of_epoch or stop:
-        values = check_window(step)
+        values = window.close(step, config.batch_size, workdir)
         writer.write(step, "train", values)
         if bar is not None:
           bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}",
                           img_s=f"{values['images_per_s']:.0f}")
       if bar is not None:
         bar.update(1)
-      epoch = step // steps_per_epoch
-      validate = step == total_steps or (end_of_epoch and config.eval_every_epochs > 0 and
-                                         epoch % config.eval_every_epochs == 0)
       is_best = False
-      if validate:
-        result = evaluate_lib.summarize(
-            evaluate_lib.evaluate(eval_step, state.params,
-                                  input_pipeline.create_eval_iter(config, info), mesh),
-            module, 1 if relu_twin else config.eval_time_steps)
-        result["epoch"] = step / steps_per_epoch
+      if step == total_steps or (end_of_epoch and config.eval_every_epochs > 0 and
+                                 (step // steps_per_epoch) % config.eval_every_epochs == 0):
+        result = _validate(eval_step, state.params, config, info, module, mesh, step,
+                           steps_per_epoch)
+        label = result.pop("label")
         writer.write(step, "eval", {k: v for k, v in result.items() if k != "sparsity"})
-        is_best = result["top1"] > best_top1
-        best_top1 = max(best_top1, result["top1"])
-        if jax.process_index() == 0:
-          msg = (f"step {step} (epoch {result['epoch']:.2f}): top-1 {result['top1']:.4f}, "
-                 f"top-5 {result['top5']:.4f}, loss {result['loss']:.4f} "
-                 f"({'ReLU twin' if relu_twin else f'T={config.eval_time_steps}'}, "
-                 f"{result['n']} test images)")
-          (bar.write if bar is not None else print)(msg)
+        is_best, best_top1 = result["top1"] > best_top1, max(best_top1, result["top1"])
+        _print0(bar, f"step {step} (epoch {result['epoch']:.2f}): top-1 {result['top1']:.4f}, "
+                f"top-5 {result['top5']:.4f}, loss {result['loss']:.4f} ({label}, "
+                f"{result['n']} test images)")
       if step % config.checkpoint_every == 0 or end_of_epoch or stop:
-        check_window(step)  # never checkpoint a non-finite state
-        save(step, best=is_best)
-      if window is None:  # images/s of the next window: training time only, not eval/saving
-        t0 = time.perf_counter()
+        window.close(step, config.batch_size, workdir)  # never checkpoint a non-finite state
+        ckpts.save(step, state, train_iter.get_state(), dict(meta, best_top1=best_top1),
+                   best=is_best)
+      window.restart_clock()
       if stop:
         ckpts.wait()
         result = dict(result, preempted=preempt.signal, saved_step=step)
-        if jax.process_index() == 0:
-          print(f"{preempt.signal}: saved step {step} to {workdir}; rerun the same command "
-                "to resume", flush=True)
+        _print0(None, f"{preempt.signal}: saved step {step} to {workdir}; rerun the same "
+                "command to resume")
         break
   finally:
     ckpts.wait()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bitnet_jax import baseline
+from bitnet_jax import build
 from bitnet_jax import evaluate
 from bitnet_jax import trainer
 from bitnet_jax import twin
@@ -83,7 +84,7 @@ def test_baseline_command_prints_the_twin_beside_the_bitnet(tmp_path):
 
 def test_bad_neuron_is_rejected():
   with pytest.raises(ValueError, match="neuron must be one of .*got 'lif'"):
-    trainer.validate_config(tiny_config(neuron="lif"))
+    build.validate_config(tiny_config(neuron="lif"))
   with pytest.raises(ValueError, match="no time steps"):
     evaluate.make_eval_step(None, time_steps=4, mean=(0.,), std=(1.,), neuron="relu",
                             sweep=(2,))

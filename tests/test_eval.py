@@ -9,13 +9,13 @@ import jax
 import numpy as np
 import pytest
 
+from bitnet_jax import build
 from bitnet_jax import datasets
 from bitnet_jax import evaluate
+from bitnet_jax import export
 from bitnet_jax import input_pipeline
 from bitnet_jax import reference
-from bitnet_jax import export
 from bitnet_jax import release
-from bitnet_jax import trainer
 from conftest import firing_params
 from tests.test_train import ROOT, TINY, tiny_config
 
@@ -26,7 +26,7 @@ MESH = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
 def setup():
   config = tiny_config(synthetic_num_test=21, eval_batch_size=8)
   info = datasets.get_dataset_info(config)
-  module = trainer.make_module(config, info)
+  module = build.make_module(config, info)
   params = module.init(jax.random.PRNGKey(3), np.zeros((1, 32, 32, 3), np.float32))["params"]
   return config, info, module, firing_params(params, gain=2.5)
 

@@ -36,7 +36,7 @@ def tiny_counts():
   model = bitnet_jax.create_model(fs=0.25, num_classes=10, seed=0)
   model = model.replace(params=jax.tree_util.tree_map(lambda a: 2 * a, model.params))  # fires
   images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-  return np.asarray(bitnet_jax.spike_counts(model, images, steps=4))  # (2, 10)
+  return np.asarray(bitnet_jax.spike_counts(model, images, time_steps=4))  # (2, 10)
 """
 
 # Also builds (or finds) the sparse-synapse kernel from the installed source.

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import bitnet_jax
+from bitnet_jax import build
 from bitnet_jax import datasets
 from bitnet_jax import evaluate
 from bitnet_jax import models
@@ -132,7 +133,7 @@ def _abstract_batch(info, train: bool) -> dict:
 def lowered_train_step(precision, compute, engine, remat, chunk) -> str:
   config = tiny_config(matmul_precision=precision, compute_dtype=compute, engine=engine,
                        remat=remat, chunk=chunk)
-  trainer.validate_config(config)
+  build.validate_config(config)
   info = datasets.get_dataset_info(config)
   step, init = trainer.standalone_train_step(config, info)
   state = jax.eval_shape(init, jax.random.PRNGKey(0))
@@ -143,9 +144,9 @@ def lowered_train_step(precision, compute, engine, remat, chunk) -> str:
 def lowered_eval_step(precision, compute, engine, chunk) -> str:
   config = tiny_config(matmul_precision=precision, compute_dtype=compute, engine=engine,
                        chunk=chunk)
-  trainer.validate_config(config)
+  build.validate_config(config)
   info = datasets.get_dataset_info(config)
-  module = trainer.make_module(config, info)
+  module = build.make_module(config, info)
   dummy = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
   params = jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy)["params"]
   step = evaluate.make_eval_step(module, time_steps=STEPS, mean=info.mean, std=info.std,
@@ -205,7 +206,7 @@ def test_default_is_highest_everywhere():
   assert default.get_config().matmul_precision == "highest"
   assert models.BITnet6().lax_precision == jax.lax.Precision.HIGHEST
   config = tiny_config()
-  module = trainer.make_module(config, datasets.get_dataset_info(config))
+  module = build.make_module(config, datasets.get_dataset_info(config))
   assert module.lax_precision == jax.lax.Precision.HIGHEST
 
 
@@ -214,8 +215,8 @@ def test_config_without_the_field_means_highest():
   config = tiny_config()
   del config["matmul_precision"]
   assert "matmul_precision" not in config
-  trainer.validate_config(config)
-  module = trainer.make_module(config, datasets.get_dataset_info(config))
+  build.validate_config(config)
+  module = build.make_module(config, datasets.get_dataset_info(config))
   assert module.lax_precision == jax.lax.Precision.HIGHEST
 
 
@@ -230,7 +231,7 @@ def test_names_map_to_lax_precision(name):
 def test_config_rejects_unknown_precision(bad):
   with pytest.raises(ValueError, match=re.escape(
       f"config: matmul_precision must be one of ('highest', 'high', 'default'), got {bad!r}")):
-    trainer.validate_config(tiny_config(matmul_precision=bad))
+    build.validate_config(tiny_config(matmul_precision=bad))
 
 
 @pytest.mark.parametrize("bad", ["fastest", "bfloat16_3x", None, 2])

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 import bitnet_jax
+from bitnet_jax import build
+from bitnet_jax import datasets
 from bitnet_jax import reference
-from bitnet_jax import spike_conv
 from bitnet_jax import release
+from bitnet_jax import spike_conv
 from bitnet_jax import trainer
 from configs import default
 from conftest import firing_params
@@ -115,7 +117,7 @@ def test_unavailable_kernel_is_a_clear_error(monkeypatch):
     spike_conv.conv(np.zeros((1, 4, 4, 8), np.float32), np.zeros((3, 3, 8, 8), np.float32))
   config = _config(synapses="sparse")
   with pytest.raises(RuntimeError, match="no C.. compiler"):
-    trainer.validate_config(config)
+    build.validate_config(config)
 
 
 def test_sparse_needs_float32():
@@ -123,10 +125,10 @@ def test_sparse_needs_float32():
     bitnet_jax.create_model(fs=0.125, num_classes=10, dtype=jnp.bfloat16, sparse=True)
   config = _config(synapses="sparse", compute_dtype="bfloat16")
   with pytest.raises(ValueError, match="synapses=sparse computes in float32"):
-    trainer.validate_config(config)
+    build.validate_config(config)
   config = _config(synapses="csr")
   with pytest.raises(ValueError, match="synapses must be dense or sparse, got 'csr'"):
-    trainer.validate_config(config)
+    build.validate_config(config)
 
 
 @pytest.mark.parametrize("variant,img_size", [("BITnet6", 32), ("BITnet6_v101", 32),
@@ -177,7 +179,7 @@ def test_training_with_sparse_synapses(tmp_path):
   """`synapses="sparse"` end to end: the trainer builds a sparse model, trains and evaluates."""
   from test_train import tiny_config  # pylint: disable=import-outside-toplevel
   config = tiny_config(synapses="sparse", num_epochs=1, chunk=1)
-  assert trainer.make_module(config, trainer.datasets.get_dataset_info(config)).sparse
+  assert build.make_module(config, datasets.get_dataset_info(config)).sparse
   result = trainer.train_and_evaluate(config, str(tmp_path))
   assert result["n"] == 20 and 0 <= result["top1"] <= 1
   assert np.isfinite(result["loss"])

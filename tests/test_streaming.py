@@ -11,7 +11,6 @@ import pytest
 import bitnet_jax
 from bitnet_jax import datasets
 from bitnet_jax import engines
-from bitnet_jax import models
 from bitnet_jax import neuron
 from bitnet_jax import streaming
 from bitnet_jax import trainer

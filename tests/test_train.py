@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from bitnet_jax import build
 from bitnet_jax import checkpointing
 from bitnet_jax import trainer
 from configs import default
@@ -92,11 +93,17 @@ def test_kill_9_mid_epoch_then_resume_is_bitwise_identical(uninterrupted, tmp_pa
   proc.wait()
   killed_at = max(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
   assert killed_at < 16, "the run finished before it could be killed"
-  out = _train(tmp_path)
+  _resume_and_compare(tmp_path, killed_at, uninterrupted[0])
+
+
+def _resume_and_compare(workdir, step, reference_workdir):
+  """Reruns the interrupted run in `workdir`: it resumes at `step` and ends with the
+  uninterrupted run's parameters, bitwise."""
+  out = _train(workdir)
   assert out.returncode == 0, out.stdout + out.stderr
-  assert f"resumed at step {killed_at}" in out.stdout
-  resumed, _ = _final_params(tmp_path)
-  reference, _ = _final_params(uninterrupted[0])
+  assert f"resumed at step {step}" in out.stdout
+  resumed, _ = _final_params(workdir)
+  reference, _ = _final_params(reference_workdir)
   for a, b in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(reference)):
     np.testing.assert_array_equal(a, b)
 
@@ -132,13 +139,7 @@ def test_sigint_saves_the_current_step_then_resume_is_bitwise_identical(uninterr
   step = int(stdout.split("SIGINT: saved step ")[1].split()[0])
   assert 2 <= step < 16, "the run finished before it could be interrupted"
   assert max(int(d) for d in os.listdir(tmp_path / "checkpoints")) == step
-  out = _train(tmp_path)
-  assert out.returncode == 0, out.stdout + out.stderr
-  assert f"resumed at step {step}" in out.stdout
-  resumed, _ = _final_params(tmp_path)
-  reference, _ = _final_params(uninterrupted[0])
-  for a, b in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(reference)):
-    np.testing.assert_array_equal(a, b)
+  _resume_and_compare(tmp_path, step, uninterrupted[0])
 
 
 def test_one_vs_eight_devices_same_losses(uninterrupted, tmp_path):
@@ -186,7 +187,7 @@ def test_bad_configs_rejected_before_compile(overrides, match, tmp_path):
 def test_batch_must_divide_over_devices():
   out = subprocess.run(
       [sys.executable, "-c", "from tests.test_train import tiny_config; from bitnet_jax import "
-       "trainer; trainer.validate_config(tiny_config(batch_size=12))"],
+       "build; build.validate_config(tiny_config(batch_size=12))"],
       cwd=ROOT, capture_output=True, text=True, timeout=120,
       env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
   assert "batch_size=12 does not divide over the 8 devices" in out.stderr
@@ -223,7 +224,7 @@ def test_seed_configs_compile_at_full_size(name):
   compile only (abstract inputs), and XLA reports the step's memory."""
   import importlib
   config = importlib.import_module(f"configs.{name}").get_config()
-  trainer.validate_config(config)
+  build.validate_config(config)
   hw = 64 if name == "tiny_imagenet" else 32
   classes = {"cifar10": 10, "cifar100_max": 100, "tiny_imagenet": 200}[name]
   compiled = trainer.compile_train_step(config, _info(name, classes, hw))

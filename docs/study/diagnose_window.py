@@ -25,7 +25,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 
 import run_study  # pylint: disable=wrong-import-position
-from bitnet_jax import checkpointing, datasets, input_pipeline, models, neuron, trainer  # pylint: disable=wrong-import-position
+from bitnet_jax import build, checkpointing, datasets, input_pipeline, models, neuron  # pylint: disable=wrong-import-position
 
 
 def diagnose(name: str, n: int) -> dict:
@@ -34,7 +34,7 @@ def diagnose(name: str, n: int) -> dict:
   config.max_eval_examples = n
   config.eval_batch_size = 100
   info = datasets.get_dataset_info(config)
-  module = trainer.make_module(config, info)
+  module = build.make_module(config, info)
   params, _ = checkpointing.load_params(os.path.join(run_study.WORKROOT, name), "latest")
   steps = config.time_steps
 
@@ -53,7 +53,7 @@ def diagnose(name: str, n: int) -> dict:
         above[i] += jnp.mean(pred > 1)
         below[i] += jnp.mean(pred < 0)
         spike, states[i] = neuron.bddi(states[i], pred)
-        x = models.maxpool(spike) if spec.pool else spike
+        x = neuron.maxpool(spike) if spec.pool else spike
       counts = counts + x
     return (jnp.stack(above) / steps, jnp.stack(below) / steps,
             jnp.sum(counts == steps, -1), counts)  # (6,), (6,), (B,) classes always on, (B, K)
