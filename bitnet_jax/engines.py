@@ -14,9 +14,13 @@ neuron, so their spikes and gradients agree (up to float-order flips of a convol
   another (carrying the states) so memory is bounded; `remat="chunk"` recomputes a chunk in the
   backward pass instead of keeping it. With one chunk (the default) there is no loop around the
   convolutions, so their weight gradients stay out of loop bodies (XLA:CPU runs those ~60x slower,
-  jax issue #12868). `remat="stream"` (`ste` surrogate only; `streaming.py`): the forward keeps
-  no activations and the backward re-runs the chunks one at a time, differentiating each on its
+  jax issue #12868). `remat="stream"` (`ste` surrogate only): the same chunk loop, over the lean
+  layers of `streaming.py`, inside a `custom_vjp` (`_streamed`) whose forward keeps no
+  activations and whose backward re-runs the chunks one at a time, differentiating each on its
   own, so training memory is one chunk's activations whatever T is (one extra forward pass).
+
+One chunk loop (`_chunk`, `_over_chunks`) serves all three `parallel` modes; the neuron through
+time is `neuron.layer_over_time`, which the sparse kernels' dense references use too.
 
 In both, the first layer's convolution is computed once: its input, the image, is the same at
 every step.
