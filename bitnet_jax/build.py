@@ -4,6 +4,8 @@ Both the trainer and evaluation build their model here (and the benchmarks too),
 imports the other for it. The device mesh is `input_pipeline.data_mesh()`.
 """
 
+import os
+
 import jax
 import ml_collections
 
@@ -52,6 +54,15 @@ def validate_config(config: ml_collections.ConfigDict):
   need(config.learning_rate > 0, f"learning_rate must be > 0, got {config.learning_rate}")
   need(config.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {config.grad_clip}")
   need(config.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {config.warmup_epochs}")
+  if config.get("init_from"):
+    need(os.path.isdir(config.init_from), f"init_from must be the workdir of a trained ReLU twin, "
+         f"got {config.init_from!r}, which is not a directory")
+    need(config.get("neuron", "bddi") == "bddi", "init_from starts a BITnet (neuron=bddi) from a "
+         "ReLU twin, got neuron=relu")
+    need(config.balance_examples >= 1, f"balance_examples must be >= 1, got "
+         f"{config.balance_examples}")
+    need(0 < config.balance_percentile <= 100, f"balance_percentile must be in (0, 100], got "
+         f"{config.balance_percentile}")
   n = jax.device_count()
   for field in ("batch_size", "eval_batch_size"):
     need(config[field] % n == 0, f"{field}={config[field]} does not divide over the {n} "

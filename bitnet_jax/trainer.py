@@ -243,6 +243,24 @@ def _print0(bar, message: str):
     print(message, flush=True)
 
 
+def _from_twin(config, info, module, tx, arch: dict, mesh) -> TrainState:
+  """A fresh state whose parameters are the ReLU twin's of `config.init_from`, balanced
+  (`twin.balance`) on the first `config.balance_examples` training images."""
+  params, meta = checkpointing.load_params(config.init_from, "latest")
+  checkpointing.check_architecture(meta["arch"], arch, meta["source"])
+  if meta["config"].get("neuron", "bddi") != "relu":
+    raise ValueError(f"init_from={config.init_from!r} is a BITnet run, not a ReLU twin (train one "
+                     "with python -m bitnet_jax.baseline)")
+  n = min(config.balance_examples, info.num_train)
+  images, _ = datasets.get_source(config, "train").read(np.arange(n))   # (n, H, W, C) uint8
+  images = input_pipeline.normalize(jnp.asarray(images), info.mean, info.std)
+  params, lams = twin.balance(module, params, images, config.balance_percentile)
+  _print0(None, f"init from the ReLU twin {meta['source']}: layer scales "
+          + ", ".join(f"{lam:.3g}" for lam in lams))
+  params = jax.device_put(params, NamedSharding(mesh, P()))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
 def _restore_or_init(ckpts, train_iter, init, arch: dict, mesh, seed: int):
   """The newest checkpoint's state (and the iterator's position), or a fresh state.
 
@@ -295,6 +313,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, best_top1 = _restore_or_init(ckpts, train_iter, functools.partial(init_state, module, tx),
                                       arch, mesh, config.seed)
   start = int(state.step)
+  if start == 0 and config.get("init_from"):
+    state = _from_twin(config, info, module, tx, arch, mesh)
   meta = {"config": config.to_dict(), "arch": arch, "dataset": info.name}
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
   _print0(None, f"BITnet {arch} | {n_params:,} parameters | {info.name}: {info.num_train} "

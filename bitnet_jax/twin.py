@@ -39,19 +39,62 @@ def forward(module: models.BITnet6, params, images: jax.Array):
     of units with a non-zero activation per image (the twin's counterpart of the spike totals;
     for the last layer, of logits > 0).
   """
-  synapse = functools.partial(module.apply, {"params": params}, method=module.synapse)
-  x, active = images, []
-  for spec in module.plan():
-    out = synapse(spec.name, x)                                # (B, H, W, C) or (B, K)
-    if spec.name == "mlp1":
-      active.append(jnp.sum(out > 0, axis=-1))
-      return out, jnp.stack(active, -1).astype(out.dtype)     # (B, K), (B, 6)
-    out = jax.nn.relu(out)
-    active.append(jnp.sum(out > 0, axis=(1, 2, 3)))
-    x = neuron.maxpool(out) if spec.pool else out
-  raise AssertionError("the plan ends with mlp1")
+  outs = activations(module, params, images)
+  active = [jnp.sum(out > 0, axis=tuple(range(1, out.ndim))) for out in outs]  # (B,) each
+  return outs[-1], jnp.stack(active, -1).astype(outs[-1].dtype)
 
 
 def per_example_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Softmax cross-entropy of each example, (B,)."""
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def activations(module: models.BITnet6, params, images: jax.Array) -> list[jax.Array]:
+  """The twin's output of each layer on normalised images: ReLU outputs (before pooling) for the
+  convs, the logits for `mlp1`; a list of 6 arrays (B, ...)."""
+  synapse = functools.partial(module.apply, {"params": params}, method=module.synapse)
+  x, outs = images, []
+  for spec in module.plan():
+    out = synapse(spec.name, x)
+    if spec.name != "mlp1":
+      out = jax.nn.relu(out)
+    outs.append(out)
+    x = neuron.maxpool(out) if spec.pool else out
+  return outs
+
+
+def balance(module: models.BITnet6, params, images: jax.Array, percentile: float = 99.9):
+  """Rescales trained twin parameters so that each layer's activations fit bddi's [0, 1] window.
+
+  Rate conversion (threshold balancing by data): with lam_l the `percentile`-th percentile of
+  layer l's activations on `images` (lam_0 = 1 for the images), W_l <- W_l * lam_{l-1} / lam_l
+  and b_l <- b_l / lam_l. Positive scalings commute with ReLU and max pooling, so the rescaled
+  twin computes each layer's activations divided by lam_l (the same predictions), and a BITnet
+  with these weights fires at about rate activation / lam_l, clipped at 1 (a few outliers above
+  the percentile saturate).
+
+  Args:
+    module: the BITnet module (its synapses are the twin's).
+    params: the trained twin's parameters.
+    images: (N, H, W, C) normalised training images (a few thousand).
+    percentile: of the positive activations of each layer, in (0, 100].
+
+  Returns:
+    (params, lams): the rescaled parameters and the 6 scales lam_1..lam_6.
+  """
+  if not 0 < percentile <= 100:
+    raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+  outs = jax.jit(functools.partial(activations, module))(params, images)
+  lams = []
+  for name, out in zip(models.LAYERS, outs):
+    positive = out[out > 0]
+    if positive.size == 0:
+      raise ValueError(f"layer {name} of the twin is silent on the balancing images (no "
+                       "positive activation): train the twin first")
+    lams.append(float(jnp.percentile(positive, percentile)))
+  scaled, previous = {}, 1.0
+  for name, lam in zip(models.LAYERS, lams):
+    layer = params[name]
+    scaled[name] = {"kernel": layer["kernel"] * (previous / lam), "bias": layer["bias"] / lam}
+    previous = lam
+  return scaled, lams

@@ -58,6 +58,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 32          # global evaluation batch (the last batch is padded, never dropped)
   c.num_epochs = 200              # passes over the training split
   c.seed = 0                      # parameter init, data order and augmentation
+  c.init_from = ""                # workdir of a trained ReLU twin (python -m bitnet_jax.baseline) whose
+                                  # latest weights, rescaled by data (twin.balance), start this BITnet
+                                  # instead of a random init; "" = random init. Only at step 0.
+  c.balance_examples = 2000       # init_from: training images that set each layer's scale
+  c.balance_percentile = 99.9     # init_from: percentile of a layer's activations mapped to rate 1
 
   # Loop, logging and checkpoints.
   c.log_every = 50                # optimizer steps between log lines (also the non-finite-loss check)

@@ -1,5 +1,5 @@
 """The seed's ReLU baseline ("twin"): its forward pass, training through the same loop, the
-side-by-side command, and its errors."""
+side-by-side command, its errors, and a BITnet started from its balanced weights."""
 
 import json
 import os
@@ -13,7 +13,10 @@ import pytest
 
 from bitnet_jax import baseline
 from bitnet_jax import build
+from bitnet_jax import checkpointing
+from bitnet_jax import datasets
 from bitnet_jax import evaluate
+from bitnet_jax import input_pipeline
 from bitnet_jax import trainer
 from bitnet_jax import twin
 from tests.test_train import ROOT, TINY, tiny_config
@@ -88,3 +91,39 @@ def test_bad_neuron_is_rejected():
   with pytest.raises(ValueError, match="no time steps"):
     evaluate.make_eval_step(None, time_steps=4, mean=(0.,), std=(1.,), neuron="relu",
                             sweep=(2,))
+
+
+def test_balance_rescales_each_layer_into_the_window(tiny_model, images):
+  """Balanced, each layer's chosen percentile maps to 1, and the twin's predictions are those of
+  the original weights scaled down (positive scales commute with ReLU and max pooling)."""
+  module, params = tiny_model.module, tiny_model.params
+  scaled, lams = twin.balance(module, params, jnp.asarray(images), percentile=100.0)
+  before = twin.activations(module, params, jnp.asarray(images))
+  after = twin.activations(module, scaled, jnp.asarray(images))
+  for lam, a, b in zip(lams, before, after):
+    np.testing.assert_allclose(b, a / lam, rtol=1e-4, atol=1e-6)
+    assert float(b.max()) == pytest.approx(1.0, rel=1e-5)  # percentile 100: the maximum is 1
+  np.testing.assert_array_equal(np.argmax(after[-1], -1), np.argmax(before[-1], -1))
+  with pytest.raises(ValueError, match=r"percentile must be in \(0, 100\], got 0"):
+    twin.balance(module, params, jnp.asarray(images), percentile=0)
+
+
+def test_init_from_a_twin_starts_the_bitnet_from_its_balanced_weights(tmp_path):
+  relu_dir, bitnet_dir = tmp_path / "relu", tmp_path / "bitnet"
+  trainer.train_and_evaluate(tiny_config(neuron="relu", max_train_steps=2), str(relu_dir))
+  config = tiny_config(init_from=str(relu_dir), balance_examples=16, max_train_steps=1,
+                       learning_rate=1e-9)  # one step that barely moves the weights
+  trainer.train_and_evaluate(config, str(bitnet_dir))
+  got, _ = checkpointing.load_params(str(bitnet_dir), "latest")
+  relu, _ = checkpointing.load_params(str(relu_dir), "latest")
+  info = datasets.get_dataset_info(config)
+  module = build.make_module(config, info)
+  images, _ = datasets.get_source(config, "train").read(np.arange(16))
+  expected, _ = twin.balance(module, relu, input_pipeline.normalize(
+      jnp.asarray(images), info.mean, info.std))
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="is a BITnet run, not a ReLU twin"):
+    trainer.train_and_evaluate(tiny_config(init_from=str(bitnet_dir)), str(tmp_path / "x"))
+  with pytest.raises(ValueError, match="init_from must be the workdir of a trained ReLU twin"):
+    build.validate_config(tiny_config(init_from=str(tmp_path / "missing")))
