@@ -27,7 +27,7 @@ def validate_config(config: ml_collections.ConfigDict):
        f"variant must be one of {tuple(models.VARIANTS)}, got {config.variant!r}")
   need(config.fs > 0, f"fs must be > 0, got {config.fs}")
   neuron.get_surrogate(config.surrogate)
-  twin.check_neuron(config.get("neuron", "bddi"))
+  twin.check_neuron(twin.neuron_of(config))
   need(config.compute_dtype in models.COMPUTE_DTYPES,
        f"compute_dtype must be one of {tuple(models.COMPUTE_DTYPES)}, got "
        f"{config.compute_dtype!r}")
@@ -57,7 +57,7 @@ def validate_config(config: ml_collections.ConfigDict):
   if config.get("init_from"):
     need(os.path.isdir(config.init_from), f"init_from must be the workdir of a trained ReLU twin, "
          f"got {config.init_from!r}, which is not a directory")
-    need(config.get("neuron", "bddi") == "bddi", "init_from starts a BITnet (neuron=bddi) from a "
+    need(twin.neuron_of(config) == "bddi", "init_from starts a BITnet (neuron=bddi) from a "
          "ReLU twin, got neuron=relu")
     need(config.balance_examples >= 1, f"balance_examples must be >= 1, got "
          f"{config.balance_examples}")

@@ -126,12 +126,6 @@ def _rest(module, batch: int) -> tuple[jax.Array, ...]:
   return tuple(jnp.zeros((batch,) + spec.shape, module.state_dtype) for spec in module.plan())
 
 
-def _per_image_sum(spikes: jax.Array, leading: int) -> jax.Array:
-  """Sums all axes but the batch axis, which follows `leading` time axes."""
-  axes = tuple(i for i in range(spikes.ndim) if i != leading)
-  return spikes.sum(axes)
-
-
 # ------------------------------------------------------------------------------------------
 # Layers. Per layer, a run `(x, state, n) -> (output, state, spikes per image)` advances it by n
 # time steps: x is its input spikes (n, B, ...) (for `begin`, its constant pred (B, ...)) and
@@ -167,7 +161,7 @@ def _layer_steps(module, params, synapse):
   def dense(spec, x, state):
     pred = x if spec.name == "begin" else synapse(spec.name, x)
     spike, state = neuron.bddi(state, pred, module.surrogate)
-    return (neuron.maxpool(spike) if spec.pool else spike), state, _per_image_sum(spike, 0)
+    return (neuron.maxpool(spike) if spec.pool else spike), state, neuron.per_image(spike, 0)
 
   def fused(run, spec, x, state):
     out, state, count = run(x if spec.name == "begin" else x[None], state, 1)

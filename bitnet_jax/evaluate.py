@@ -144,7 +144,7 @@ def run_evaluation(config, *, workdir: str | None = None, which: str = "best",
   time_steps = max((config.eval_time_steps,) + sweep)
   mesh = input_pipeline.data_mesh()
   params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  neuron = config.get("neuron", "bddi")
+  neuron = twin.neuron_of(config)
   eval_step = make_eval_step(module, time_steps=time_steps, mean=info.mean, std=info.std,
                              loss=config.loss, logit_scale=config.logit_scale,
                              engine=config.engine, chunk=config.chunk, sweep=sweep, score=score,

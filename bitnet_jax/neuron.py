@@ -215,5 +215,9 @@ def layer_over_time(state: jax.Array, surrogate: Surrogate, pool: bool,
     image over the n steps, before pooling. (The dense form of `spike_conv.layer`.)
   """
   spikes, state = over_time(state, surrogate, preds, const, length)
-  count = spikes.sum(tuple(a for a in range(spikes.ndim) if a != 1))  # (B,)
-  return (maxpool(spikes) if pool else spikes), state, count
+  return (maxpool(spikes) if pool else spikes), state, per_image(spikes)
+
+
+def per_image(spikes: jax.Array, batch_axis: int = 1) -> jax.Array:
+  """Spikes per image, (B,): the sum over every axis but `batch_axis` (1 after the time axis)."""
+  return spikes.sum(tuple(a for a in range(spikes.ndim) if a != batch_axis))

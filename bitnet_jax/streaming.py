@@ -256,7 +256,6 @@ def layer_runs(module: models.BITnet6, params) -> tuple:
       x = _spike_synapse(module, spec.name, params[spec.name], flat)     # one conv for n steps
       x = x.reshape((n, -1) + x.shape[1:])                               # (n, B, ...)
     spikes, state = _neuron_over_time(state, x, n, module.surrogate)
-    count = spikes.sum(tuple(a for a in range(spikes.ndim) if a != 1))   # (B,)
-    return (_spike_pool(spikes) if spec.pool else spikes), state, count
+    return (_spike_pool(spikes) if spec.pool else spikes), state, neuron.per_image(spikes)
 
   return tuple(functools.partial(run, spec) for spec in module.plan())

@@ -74,7 +74,7 @@ def make_train_step(module, config, tx, info, mesh):
   """Builds `train_step(state, batch) -> (state, metrics)`, jitted with donation."""
   mean, std = info.mean, info.std
 
-  relu_twin = config.get("neuron", "bddi") == "relu"
+  relu_twin = twin.neuron_of(config) == "relu"
 
   def loss_fn(params, batch):
     images = input_pipeline.normalize(batch["image"], mean, std)          # (B, H, W, C)
@@ -248,7 +248,7 @@ def _from_twin(config, info, module, tx, arch: dict, mesh) -> TrainState:
   (`twin.balance`) on the first `config.balance_examples` training images."""
   params, meta = checkpointing.load_params(config.init_from, "latest")
   checkpointing.check_architecture(meta["arch"], arch, meta["source"])
-  if meta["config"].get("neuron", "bddi") != "relu":
+  if twin.neuron_of(meta["config"]) != "relu":
     raise ValueError(f"init_from={config.init_from!r} is a BITnet run, not a ReLU twin (train one "
                      "with python -m bitnet_jax.baseline)")
   n = min(config.balance_examples, info.num_train)
@@ -280,12 +280,11 @@ def _restore_or_init(ckpts, train_iter, init, arch: dict, mesh, seed: int):
 
 def _validate(eval_step, params, config, info, module, mesh, step: int, steps_per_epoch: int):
   """Evaluates on the whole test split; the summary of `evaluate.summarize` with the epoch."""
-  relu_twin = config.get("neuron", "bddi") == "relu"
+  relu_twin = twin.neuron_of(config) == "relu"
   sums = evaluate_lib.evaluate(eval_step, params, input_pipeline.create_eval_iter(config, info),
                                mesh)
   result = evaluate_lib.summarize(sums, module, 1 if relu_twin else config.eval_time_steps)
   result["epoch"] = step / steps_per_epoch
-  result["label"] = "ReLU twin" if relu_twin else f"T={config.eval_time_steps}"
   return result
 
 
@@ -327,7 +326,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_step = evaluate_lib.make_eval_step(
       module, time_steps=config.eval_time_steps, mean=info.mean, std=info.std, loss=config.loss,
       logit_scale=config.logit_scale, engine=config.engine, chunk=config.chunk,
-      neuron=config.get("neuron", "bddi"))
+      neuron=twin.neuron_of(config))
+  eval_label = "ReLU twin" if twin.neuron_of(config) == "relu" else f"T={config.eval_time_steps}"
   writer = MetricWriter(workdir)
   preempt = _Preemption()
   bar = _progress(total_steps, start)
@@ -352,11 +352,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  (step // steps_per_epoch) % config.eval_every_epochs == 0):
         result = _validate(eval_step, state.params, config, info, module, mesh, step,
                            steps_per_epoch)
-        label = result.pop("label")
         writer.write(step, "eval", {k: v for k, v in result.items() if k != "sparsity"})
         is_best, best_top1 = result["top1"] > best_top1, max(best_top1, result["top1"])
         _print0(bar, f"step {step} (epoch {result['epoch']:.2f}): top-1 {result['top1']:.4f}, "
-                f"top-5 {result['top5']:.4f}, loss {result['loss']:.4f} ({label}, "
+                f"top-5 {result['top5']:.4f}, loss {result['loss']:.4f} ({eval_label}, "
                 f"{result['n']} test images)")
       if step % config.checkpoint_every == 0 or end_of_epoch or stop:
         window.close(step, config.batch_size, workdir)  # never checkpoint a non-finite state

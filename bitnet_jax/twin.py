@@ -19,6 +19,11 @@ from bitnet_jax import neuron
 NEURONS = ("bddi", "relu")
 
 
+def neuron_of(config) -> str:
+  """`config.neuron` ("bddi" or "relu"); "bddi" for configs written before the field."""
+  return config.get("neuron", "bddi")
+
+
 def check_neuron(name: str) -> str:
   if name not in NEURONS:
     raise ValueError(f"neuron must be one of {NEURONS} (bddi: the spiking BITnet; relu: the "
