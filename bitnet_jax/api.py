@@ -73,7 +73,7 @@ def _counts(module, params, images, time_steps, engine, chunk):
 
 
 def spike_counts(model: Model, images, time_steps: int, *, engine: str = "parallel",
-                 chunk: int = 0) -> jax.Array:
+                 chunk: int = engines.EVAL_CHUNK) -> jax.Array:
   """The release's class scores: spikes of the last layer summed over `time_steps` steps.
 
   Args:
@@ -81,7 +81,8 @@ def spike_counts(model: Model, images, time_steps: int, *, engine: str = "parall
     images: (B, H, W, C) normalised images (NHWC).
     time_steps: number of time steps T >= 1.
     engine: "parallel" (default) or "scan"; both give the same counts.
-    chunk: time steps per chunk of the parallel engine (0 = all at once).
+    chunk: time steps per chunk of the parallel engine (default `engines.EVAL_CHUNK`: the same
+      compiled chunk for every T, the last one padded; 0 = all T at once).
 
   Returns:
     (B, num_classes) float32 spike counts in [0, T]; prediction = argmax (first maximum).

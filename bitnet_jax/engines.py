@@ -38,6 +38,12 @@ from bitnet_jax import spike_conv
 from bitnet_jax import streaming
 
 ENGINES = ("scan", "parallel")
+# Time steps per chunk of the parallel engine when evaluating (`evaluate.make_eval_step`,
+# `api.spike_counts`). Evaluation takes no gradients, so a loop around the convolutions costs
+# nothing (the single-chunk case exists for training's weight gradients); with chunks, every
+# T > 10 compiles the same 10-step chunk, memory is one chunk's activations whatever T is, and
+# the usual T (10, 50, 100, 200) need no padded steps.
+EVAL_CHUNK = 10
 
 
 class Trace(NamedTuple):
@@ -110,7 +116,7 @@ def run(module: models.BITnet6, params, images: jax.Array, time_steps: int, *,
     return _scan(_layer_steps(module, params, synapse), pred0, states, time_steps, k)
   if k == "stream":
     inner = {name: p for name, p in params.items() if name != "begin"}
-    if _chunk_lengths(time_steps, chunk)[1:] == (1, 0):  # one chunk: nothing to recompute
+    if _chunks(time_steps, chunk)[1] == 1:  # one chunk: nothing to recompute
       states, out, fired = _lean_chunk(module, inner, pred0, states, time_steps)
       return Trace(out, fired, states[-1])
     return Trace(*_streamed(module, inner, pred0, time_steps, chunk))
@@ -127,9 +133,11 @@ def _rest(module, batch: int) -> tuple[jax.Array, ...]:
 
 
 # ------------------------------------------------------------------------------------------
-# Layers. Per layer, a run `(x, state, n) -> (output, state, spikes per image)` advances it by n
-# time steps: x is its input spikes (n, B, ...) (for `begin`, its constant pred (B, ...)) and
-# output its (pooled) spikes (n, B, ...). `streaming.layer_runs` gives the lean `ste` ones.
+# Layers. Per layer, a run `(x, state, n, valid) -> (output, state, spikes per image)` advances it
+# by n time steps: x is its input spikes (n, B, ...) (for `begin`, its constant pred (B, ...)),
+# output its (pooled) spikes (n, B, ...), and valid None (all n steps run) or an int32 scalar:
+# only the first `valid` steps run, later ones are masked (no spike, membranes unchanged, zero
+# gradient: `neuron.over_time`). `streaming.layer_runs` gives the lean `ste` ones.
 
 
 def _layer_runs(module, params, synapse):
@@ -137,20 +145,20 @@ def _layer_runs(module, params, synapse):
   (`spike_conv.layer`, or `spike_conv.neuron` for `begin`)."""
   surrogate = module.surrogate
 
-  def dense(spec, x, state, n):
+  def dense(spec, x, state, n, valid=None):
     if spec.name == "begin":
-      return neuron.layer_over_time(state, surrogate, spec.pool, const=x, length=n)
+      return neuron.layer_over_time(state, surrogate, spec.pool, const=x, length=n, valid=valid)
     flat = x.reshape((-1,) + x.shape[2:])                    # (n*B, H, W, C)
     pred = synapse(spec.name, flat)                          # one conv for n steps
     pred = pred.reshape(x.shape[:2] + pred.shape[1:])        # (n, B, ...)
-    return neuron.layer_over_time(state, surrogate, spec.pool, pred)
+    return neuron.layer_over_time(state, surrogate, spec.pool, pred, valid=valid)
 
-  def fused(spec, x, state, n):
+  def fused(spec, x, state, n, valid=None):
     if spec.name == "begin":
-      return spike_conv.neuron(x, state, n, spec.pool, surrogate)
+      return spike_conv.neuron(x, state, n, spec.pool, surrogate, valid)
     layer, dtype = params[spec.name], module.state_dtype
     return spike_conv.layer(x, layer["kernel"].astype(dtype), layer["bias"].astype(dtype), state,
-                            spec.pool, surrogate)
+                            spec.pool, surrogate, valid)
 
   return tuple(functools.partial(fused if _fused(module, spec) else dense, spec)
                for spec in module.plan())
@@ -164,7 +172,7 @@ def _layer_steps(module, params, synapse):
     return (neuron.maxpool(spike) if spec.pool else spike), state, neuron.per_image(spike, 0)
 
   def fused(run, spec, x, state):
-    out, state, count = run(x if spec.name == "begin" else x[None], state, 1)
+    out, state, count = run(x if spec.name == "begin" else x[None], state, 1, None)
     return out[0], state, count
 
   runs = _layer_runs(module, params, synapse)
@@ -208,52 +216,63 @@ def _scan(layer_steps, pred0, states, time_steps, remat):
 # The chunk loop of the parallel engine (plain, remat="chunk" and remat="stream").
 
 
-def _chunk(layer_runs, pred0, states, n):
-  """Advances all layers by n steps, one layer at a time.
+def _chunk(layer_runs, pred0, states, n, valid=None):
+  """Advances all layers by n steps, one layer at a time; with `valid` (an int32 scalar), only
+  the first `valid` of them run and the rest are masked.
 
   Returns:
     (states, out (n, B, K) spikes of the last layer, fired (B, 6) spikes per layer and image).
   """
   x, new_states, fired = pred0, [], []
   for run_layer, state in zip(layer_runs, states):
-    x, state, count = run_layer(x, state, n)
+    x, state, count = run_layer(x, state, n, valid)
     new_states.append(state)
     fired.append(count)                                      # (B,)
   return tuple(new_states), x, jnp.stack(fired, -1)
 
 
-def _chunk_lengths(time_steps: int, chunk: int) -> tuple[int, int, int]:
-  """(chunk length, number of full chunks, length of the last partial chunk or 0)."""
+def _chunks(time_steps: int, chunk: int) -> tuple[int, int]:
+  """(chunk length, number of chunks): one chunk of all T steps when `chunk` is 0 or >= T, else
+  ceil(T / chunk) chunks of `chunk` steps, the last one padded."""
   chunk = min(chunk or time_steps, time_steps)
-  return (chunk,) + divmod(time_steps, chunk)
+  return chunk, -(-time_steps // chunk)
+
+
+def _valid_steps(time_steps: int, chunk: int, n_chunks: int) -> "jax.Array | None":
+  """(n_chunks,) int32 steps that run in each chunk (the last one may be partial), or None when
+  every chunk is full (nothing to mask)."""
+  if time_steps == chunk * n_chunks:
+    return None
+  return jnp.minimum(chunk, time_steps - chunk * jnp.arange(n_chunks, dtype=jnp.int32))
 
 
 def _over_chunks(run_chunk, states, time_steps: int, chunk: int):
-  """Runs `run_chunk(states, n) -> (states, out, fired)` over all time steps, chunk by chunk.
+  """Runs `run_chunk(states, n, valid) -> (states, out, fired)` over all time steps.
 
-  Full chunks run in a `lax.scan` (one compiled body whatever T is), except a single one, which
+  With more than one chunk, all ceil(T / chunk) chunks have the same length and run in one
+  `lax.scan`, so every T compiles the same chunk program (compile time does not grow with T).
+  When `chunk` does not divide T, the last chunk is padded: its steps past T are masked (no
+  spikes, membranes unchanged, zero gradient) and the padded outputs are cut off. A single chunk
   runs without a loop: its convolutions' weight gradients then stay out of loop bodies (XLA:CPU
-  runs those ~60x slower, jax issue #12868). A shorter last chunk runs after the loop.
+  runs those ~60x slower, jax issue #12868).
 
   Returns:
     (final states, out (T, B, K), fired (B, 6)).
   """
-  chunk, n_full, rest = _chunk_lengths(time_steps, chunk)
-  if n_full == 1:
-    states, out, fired = run_chunk(states, chunk)
-  else:
-    def body(carry, _):
-      states, fired = carry
-      states, out, f = run_chunk(states, chunk)
-      return (states, fired + f), out
+  chunk, n_chunks = _chunks(time_steps, chunk)
+  if n_chunks == 1:
+    return run_chunk(states, chunk, None)
+  valid = _valid_steps(time_steps, chunk, n_chunks)
 
-    fired = jnp.zeros((states[0].shape[0], len(states)), states[0].dtype)
-    (states, fired), out = jax.lax.scan(body, (states, fired), length=n_full)
-    out = out.reshape((-1,) + out.shape[2:])                 # (n_full * chunk, B, K)
-  if rest:
-    states, out_r, fired_r = run_chunk(states, rest)
-    out, fired = jnp.concatenate([out, out_r]), fired + fired_r
-  return states, out, fired
+  def body(carry, valid):
+    states, fired = carry
+    states, out, f = run_chunk(states, chunk, valid)
+    return (states, fired + f), out
+
+  fired = jnp.zeros((states[0].shape[0], len(states)), states[0].dtype)
+  (states, fired), out = jax.lax.scan(body, (states, fired), valid, length=n_chunks)
+  out = out.reshape((-1,) + out.shape[2:])                   # (n_chunks * chunk, B, K)
+  return states, out[:time_steps], fired
 
 
 # ------------------------------------------------------------------------------------------
@@ -261,9 +280,9 @@ def _over_chunks(run_chunk, states, time_steps: int, chunk: int):
 # the chunks one at a time (see `streaming.py` for why this is exact under `ste`).
 
 
-def _lean_chunk(module, params, pred0, states, n):
+def _lean_chunk(module, params, pred0, states, n, valid=None):
   """`_chunk` of `streaming.layer_runs` (params: every layer but `begin`)."""
-  return _chunk(streaming.layer_runs(module, params), pred0, states, n)
+  return _chunk(streaming.layer_runs(module, params), pred0, states, n, valid)
 
 
 def _streamed_forward(module, params, pred0, time_steps, chunk):
@@ -296,26 +315,24 @@ def _streamed_fwd(module, params, pred0, time_steps, chunk):
 def _streamed_bwd(module, time_steps, chunk, residual, cotangents):
   params, pred0 = residual
   g_out, g_fired, _ = cotangents  # (T, B, K), (B, 6); final_state: no gradient under ste
-  chunk, n_full, rest = _chunk_lengths(time_steps, chunk)
+  chunk, n_chunks = _chunks(time_steps, chunk)
+  valid = _valid_steps(time_steps, chunk, n_chunks)
   zeros = jax.tree_util.tree_map(jnp.zeros_like, (params, pred0))
 
-  def chunk_grads(states, g_out_chunk, n):
-    """This chunk's states after it, and its gradients w.r.t. params and pred0."""
-    (new_states, _, _), vjp = jax.vjp(
-        lambda p, p0: _lean_chunk(module, p, p0, states, n), params, pred0)
-    g_states = jax.tree_util.tree_map(jnp.zeros_like, new_states)  # ignored by the ste neuron
-    return new_states, vjp((g_states, g_out_chunk, g_fired))
-
-  def body(carry, g_out_chunk):
+  def body(carry, xs):
+    """One chunk: its states after it, and its gradients w.r.t. params and pred0 added."""
     states, acc = carry
-    states, grads = chunk_grads(states, g_out_chunk, chunk)
-    return (states, jax.tree_util.tree_map(jnp.add, acc, grads)), None
+    g_out_chunk, valid = xs
+    (new_states, _, _), vjp = jax.vjp(
+        lambda p, p0: _lean_chunk(module, p, p0, states, chunk, valid), params, pred0)
+    g_states = jax.tree_util.tree_map(jnp.zeros_like, new_states)  # ignored by the ste neuron
+    grads = vjp((g_states, g_out_chunk, g_fired))
+    return (new_states, jax.tree_util.tree_map(jnp.add, acc, grads)), None
 
-  g_full = g_out[:n_full * chunk].reshape((n_full, chunk) + g_out.shape[1:])
-  (states, acc), _ = jax.lax.scan(body, (_rest(module, pred0.shape[0]), zeros), g_full)
-  if rest:
-    _, grads = chunk_grads(states, g_out[n_full * chunk:], rest)
-    acc = jax.tree_util.tree_map(jnp.add, acc, grads)
+  pad = n_chunks * chunk - time_steps                        # masked steps: zero cotangent
+  g_out = jnp.pad(g_out, ((0, pad),) + ((0, 0),) * (g_out.ndim - 1))
+  g_chunks = g_out.reshape((n_chunks, chunk) + g_out.shape[1:])
+  (_, acc), _ = jax.lax.scan(body, (_rest(module, pred0.shape[0]), zeros), (g_chunks, valid))
   return acc
 
 

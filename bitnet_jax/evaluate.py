@@ -23,7 +23,8 @@ SCORES = ("count", "potential")
 
 
 def make_eval_step(module, *, time_steps: int, mean, std, loss: str = "mse_rate",
-                   logit_scale: float = 10.0, engine: str = "parallel", chunk: int = 0,
+                   logit_scale: float = 10.0, engine: str = "parallel",
+                   chunk: int = engines.EVAL_CHUNK,
                    sweep: tuple[int, ...] = (), score: str = "count", neuron: str = "bddi"):
   """Builds the jitted `eval_step(params, batch) -> dict of sums`.
 
@@ -32,7 +33,8 @@ def make_eval_step(module, *, time_steps: int, mean, std, loss: str = "mse_rate"
     time_steps: time steps T of the run.
     mean, std: per-channel normalisation of the dataset.
     loss, logit_scale: the loss reported (see losses.py).
-    engine, chunk: time engine (see engines.py).
+    engine, chunk: time engine and, for `parallel`, time steps per chunk (see engines.py; the
+      default `engines.EVAL_CHUNK` compiles the same chunk for every T; 0 = all T at once).
     sweep: extra step counts t <= T at which top-1 is also measured, from the same run.
     score: "count" (the release: argmax of spike counts, first maximum on ties) or "potential"
       (counts + the last layer's residual membrane, which breaks most ties).
@@ -147,7 +149,9 @@ def run_evaluation(config, *, workdir: str | None = None, which: str = "best",
   neuron = twin.neuron_of(config)
   eval_step = make_eval_step(module, time_steps=time_steps, mean=info.mean, std=info.std,
                              loss=config.loss, logit_scale=config.logit_scale,
-                             engine=config.engine, chunk=config.chunk, sweep=sweep, score=score,
+                             engine=config.engine,
+                             chunk=config.get("eval_chunk", engines.EVAL_CHUNK),  # older configs
+                             sweep=sweep, score=score,
                              neuron=neuron)
   sums = evaluate(eval_step, params, input_pipeline.create_eval_iter(config, info), mesh)
   result = summarize(sums, module, 1 if neuron == "relu" else time_steps, sweep)

@@ -182,7 +182,8 @@ def maxpool(x: jax.Array) -> jax.Array:
 
 
 def over_time(state: jax.Array, surrogate: Surrogate, preds: "jax.Array | None" = None,
-              const: "jax.Array | None" = None, length: "int | None" = None):
+              const: "jax.Array | None" = None, length: "int | None" = None,
+              valid: "jax.Array | None" = None):
   """Steps one layer's bddi neurons through time (a `lax.scan` of `bddi`).
 
   Args:
@@ -191,6 +192,10 @@ def over_time(state: jax.Array, surrogate: Surrogate, preds: "jax.Array | None" 
     preds: (n, B, ...) synaptic outputs, one per step; or None with `const`.
     const: (B, ...) one synaptic output for every step (the first layer); with `length`.
     length: n, when `preds` is None.
+    valid: None (every step runs), or an int32 scalar (a runtime value: the compiled shapes do
+      not depend on it): only the first `valid` steps run. A later, masked step leaves the
+      membranes unchanged and emits no spike, so it counts nothing and contributes exactly zero
+      gradient (the padding of a last, partial chunk; see `engines._over_chunks`).
 
   Returns:
     ((n, B, ...) spikes, the final state).
@@ -201,20 +206,31 @@ def over_time(state: jax.Array, surrogate: Surrogate, preds: "jax.Array | None" 
     spike, s = fire(s, const if pred is None else pred)
     return s, spike
 
-  state, spikes = jax.lax.scan(step, state, preds, length=length)
+  if valid is None:
+    state, spikes = jax.lax.scan(step, state, preds, length=length)
+    return spikes, state
+
+  def masked_step(s, xs):
+    pred, t = xs
+    new_s, spike = step(s, pred)
+    on = t < valid                                           # () bool: a step that runs
+    return jnp.where(on, new_s, s), jnp.where(on, spike, jnp.zeros((), spike.dtype))
+
+  n = length if preds is None else preds.shape[0]
+  state, spikes = jax.lax.scan(masked_step, state, (preds, jnp.arange(n, dtype=jnp.int32)))
   return spikes, state
 
 
 def layer_over_time(state: jax.Array, surrogate: Surrogate, pool: bool,
                     preds: "jax.Array | None" = None, const: "jax.Array | None" = None,
-                    length: "int | None" = None):
+                    length: "int | None" = None, valid: "jax.Array | None" = None):
   """`over_time`, then the layer's max pool and its spike count.
 
   Returns:
     (out, state, count): (n, B, ...) spikes, pooled if `pool`; the final state; (B,) spikes per
     image over the n steps, before pooling. (The dense form of `spike_conv.layer`.)
   """
-  spikes, state = over_time(state, surrogate, preds, const, length)
+  spikes, state = over_time(state, surrogate, preds, const, length, valid)
   return (maxpool(spikes) if pool else spikes), state, per_image(spikes)
 
 

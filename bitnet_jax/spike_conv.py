@@ -130,13 +130,14 @@ def _dense(x, kernel):
 # every device calls the kernel on its own images, and everything else (spatial dims, channels,
 # time, the kernel, the bias) is replicated. Outside a sharded jit it is the plain call.
 
-# Per op: the einsum-like Shardy rule (n = the batch, the only factor that may stay sharded),
-# the batch dimension of each operand and of each result (None: replicated).
+# Per op: the einsum-like Shardy rule (n = the batch, the only factor that may stay sharded; an
+# empty operand is the int32 scalar `valid`), the batch dimension of each operand and of each
+# result (None: replicated).
 _RULES = {
     "conv": ("n h w i, a b i o -> n h w o", (0, None), (0,)),
-    "layer": ("t n h w i, a b i o, o, n h w o -> t n p q o, n h w o, n", (1, None, None, 0),
-              (1, 0, 0)),
-    "neuron": ("n h w c, n h w c -> t n p q c, n h w c, n", (0, 0), (1, 0, 0)),
+    "layer": ("t n h w i, a b i o, o, n h w o, -> t n p q o, n h w o, n",
+              (1, None, None, 0, None), (1, 0, 0)),
+    "neuron": ("n h w c, n h w c, -> t n p q c, n h w c, n", (0, 0, None), (1, 0, 0)),
 }
 
 
@@ -154,10 +155,10 @@ def _ffi(op: str, dtype: np.dtype, pool: bool | None, steps: int | None):
       return tuple(jax.ffi.ffi_call(name, _outputs(x.shape[0], state, pool),
                                     vmap_method="sequential",
                                     input_output_aliases={3: 1})(*args, pool=pool))
-    pred, state = args
+    state = args[1]
     return tuple(jax.ffi.ffi_call(name, _outputs(steps, state, pool), vmap_method="sequential",
                                   input_output_aliases={1: 1})(
-                                      pred, state, pool=pool, steps=np.int64(steps)))
+                                      *args, pool=pool, steps=np.int64(steps)))
   return call
 
 
@@ -277,22 +278,22 @@ def _conv_bwd(residual, g):
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _layer_over_time(state, pool, surrogate, **preds):
+def _layer_over_time(state, pool, surrogate, valid, **preds):
   """`neuron.layer_over_time` (the dense engine's layer) with the bddi neuron of `surrogate`."""
   return bitnet_neuron.layer_over_time(state, bitnet_neuron.get_surrogate(surrogate), pool,
-                                       **preds)
+                                       valid=valid, **preds)
 
 
-def _layer_dense(x, kernel, bias, state, pool, surrogate):
+def _layer_dense(x, kernel, bias, state, pool, surrogate, valid=None):
   """What `layer` computes, with the dense convolution (its backward differentiates this)."""
   pred = _dense(x.reshape((-1,) + x.shape[2:]), kernel) + bias
   pred = pred.reshape(x.shape[:2] + pred.shape[1:])  # (T, N, H, W, Co)
-  return _layer_over_time(state, pool, surrogate, preds=pred)
+  return _layer_over_time(state, pool, surrogate, valid, preds=pred)
 
 
-def _neuron_dense(pred, state, steps, pool, surrogate):
+def _neuron_dense(pred, state, steps, pool, surrogate, valid=None):
   """What `neuron` computes, in jnp (its backward differentiates this)."""
-  return _layer_over_time(state, pool, surrogate, const=pred, length=steps)
+  return _layer_over_time(state, pool, surrogate, valid, const=pred, length=steps)
 
 
 def _outputs(steps, state, pool):
@@ -304,8 +305,21 @@ def _outputs(steps, state, pool):
   return tuple(jax.ShapeDtypeStruct(shape, state.dtype) for shape in (spikes, state.shape, (n,)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def layer(x, kernel, bias, state, pool: bool, surrogate: str):
+def _check_valid(op: str, valid):
+  """Raises ValueError unless `valid` is None or an integer scalar."""
+  if valid is not None and (jnp.ndim(valid) != 0 or
+                            not jnp.issubdtype(jnp.result_type(valid), jnp.integer)):
+    raise ValueError(f"spike_conv.{op}: valid (the number of steps that run) must be None or an "
+                     f"integer scalar, got {getattr(valid, 'shape', ())} "
+                     f"{jnp.result_type(valid)}")
+
+
+def _valid_operand(valid, steps: int) -> jax.Array:
+  """The kernels' int32 scalar operand: the steps that run (all of them when `valid` is None)."""
+  return jnp.asarray(steps if valid is None else valid, jnp.int32)
+
+
+def layer(x, kernel, bias, state, pool: bool, surrogate: str, valid=None):
   """A spiking 3x3 conv layer over the time steps of its 0/1 input spikes, skipping the zeros.
 
   Args:
@@ -314,12 +328,15 @@ def layer(x, kernel, bias, state, pool: bool, surrogate: str):
       first step; all of x's dtype.
     pool: apply the 2x2 max pool to the output spikes.
     surrogate: the bddi surrogate (only the backward uses it).
+    valid: None (all T steps run), or an integer scalar, a runtime operand (the compiled call
+      does not depend on its value): only the first `valid` steps run; a later step leaves the
+      membranes unchanged, emits no spike, counts nothing and has zero gradient
+      (`neuron.over_time`). The kernel skips those steps' work.
 
   Returns:
     (spikes, state, count): (T, N, H/2, W/2, Co) or (T, N, H, W, Co) spikes, the (N, H, W, Co)
     membranes after the last step, (N,) spikes per image over the T steps, before pooling.
   """
-  del surrogate  # the forward does not depend on it
   if x.ndim != 5:
     raise ValueError(f"spike_conv.layer: expected (T, N, H, W, Ci) spikes, got {x.shape}")
   _check("layer", jax.ShapeDtypeStruct(x.shape[1:], x.dtype), kernel, bias, state)
@@ -328,37 +345,45 @@ def layer(x, kernel, bias, state, pool: bool, surrogate: str):
     raise ValueError(f"spike_conv.layer: expected a ({co},) bias and an {x.shape[1:4] + (co,)} "
                      f"state for spikes {x.shape} and kernel {kernel.shape}, got {bias.shape} "
                      f"and {state.shape}")
-  return tuple(_batch_partitioned("layer", np.dtype(x.dtype), pool)(x, kernel, bias, state))
+  _check_valid("layer", valid)
+  return _layer(x, kernel, bias, state, valid, pool, surrogate)
 
 
-def _layer_fwd(x, kernel, bias, state, pool, surrogate):
-  out = layer(x, kernel, bias, state, pool, surrogate)
-  return out, (x.astype(jnp.bool_), kernel, bias, state)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _layer(x, kernel, bias, state, valid, pool, surrogate):
+  """`layer` after its checks; `valid` may be None (a pytree without leaves)."""
+  del surrogate  # the forward does not depend on it
+  operands = (x, kernel, bias, state, _valid_operand(valid, x.shape[0]))
+  return tuple(_batch_partitioned("layer", np.dtype(x.dtype), pool)(*operands))
+
+
+def _layer_fwd(x, kernel, bias, state, valid, pool, surrogate):
+  out = _layer(x, kernel, bias, state, valid, pool, surrogate)
+  return out, (x.astype(jnp.bool_), kernel, bias, state, valid)
 
 
 def _layer_bwd(pool, surrogate, residual, g):
-  x, kernel, bias, state = residual
-  f = lambda *args: _layer_dense(*args, pool, surrogate)
+  x, kernel, bias, state, valid = residual
+  f = lambda *args: _layer_dense(*args, pool, surrogate, valid)
   _, vjp = jax.vjp(f, x.astype(kernel.dtype), kernel, bias, state)
-  return vjp(g)
+  return vjp(g) + (None,)  # valid: an integer, no cotangent
 
 
-layer.defvjp(_layer_fwd, _layer_bwd)
+_layer.defvjp(_layer_fwd, _layer_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def neuron(pred, state, steps: int, pool: bool, surrogate: str):
+def neuron(pred, state, steps: int, pool: bool, surrogate: str, valid=None):
   """`steps` bddi steps of a layer whose pred is constant (the first layer).
 
   Args:
     pred: (N, H, W, C) synaptic input (before the clip), float32 or float64.
     state: (N, H, W, C) membranes, pred's dtype.
     steps, pool, surrogate: time steps T; as in `layer`.
+    valid: as in `layer`.
 
   Returns:
     (spikes, state, count) as in `layer`.
   """
-  del surrogate  # the forward does not depend on it
   if pred.ndim != 4 or pred.shape != state.shape or pred.dtype != state.dtype or (
       np.dtype(pred.dtype) not in _SUFFIX):
     raise ValueError(f"spike_conv.neuron: expected (N, H, W, C) pred and state of one dtype, "
@@ -366,17 +391,27 @@ def neuron(pred, state, steps: int, pool: bool, surrogate: str):
                      f"{state.dtype}")
   if not (isinstance(steps, int) and steps >= 1):
     raise ValueError(f"spike_conv.neuron: steps must be an int >= 1, got {steps!r}")
+  _check_valid("neuron", valid)
   check_available()
-  return tuple(_batch_partitioned("neuron", np.dtype(pred.dtype), pool, steps)(pred, state))
+  return _neuron(pred, state, valid, steps, pool, surrogate)
 
 
-def _neuron_fwd(pred, state, steps, pool, surrogate):
-  return neuron(pred, state, steps, pool, surrogate), (pred, state)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _neuron(pred, state, valid, steps, pool, surrogate):
+  """`neuron` after its checks."""
+  del surrogate  # the forward does not depend on it
+  return tuple(_batch_partitioned("neuron", np.dtype(pred.dtype), pool, steps)(
+      pred, state, _valid_operand(valid, steps)))
+
+
+def _neuron_fwd(pred, state, valid, steps, pool, surrogate):
+  return _neuron(pred, state, valid, steps, pool, surrogate), (pred, state, valid)
 
 
 def _neuron_bwd(steps, pool, surrogate, residual, g):
-  _, vjp = jax.vjp(lambda *args: _neuron_dense(*args, steps, pool, surrogate), *residual)
-  return vjp(g)
+  pred, state, valid = residual
+  _, vjp = jax.vjp(lambda *args: _neuron_dense(*args, steps, pool, surrogate, valid), pred, state)
+  return vjp(g) + (None,)  # valid: an integer, no cotangent
 
 
-neuron.defvjp(_neuron_fwd, _neuron_bwd)
+_neuron.defvjp(_neuron_fwd, _neuron_bwd)

@@ -191,48 +191,56 @@ _spike_pool.defvjp(_spike_pool_fwd, _spike_pool_bwd)
 # The neuron through time, and the layers of a chunk.
 
 
-def _step_through_time(state, preds, const, length, surrogate):
+def _step_through_time(state, preds, const, length, surrogate, valid):
   """The bddi forward of one layer through time: (n, ...) spikes, final state, bool window."""
-  spikes, state = neuron.over_time(state, surrogate, preds, const, length)
+  spikes, state = neuron.over_time(state, surrogate, preds, const, length, valid)
   pred = const if preds is None else preds
   return spikes, state, (pred >= 0) & (pred <= 1)  # window: the clip's pass-through mask
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _neuron_over_time(state, preds, length, surrogate):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _neuron_over_time(state, preds, valid, length, surrogate):
   """Steps one layer's `ste` neurons through time.
 
   Args:
     state: (B, ...) membrane states before the first step.
     preds: (n, B, ...) synaptic outputs of the n steps, or (B, ...), the same at every step.
+    valid: None, or an int32 scalar >= 1: only the first `valid` steps run, later ones are
+      masked (`neuron.over_time`).
     length: n.
     surrogate: the `ste` `neuron.Surrogate` (its clip leak is used in the backward).
 
   Returns:
     (n, B, ...) spikes and the final state.
   """
-  return _neuron_over_time_fwd(state, preds, length, surrogate)[0]
+  return _neuron_over_time_fwd(state, preds, valid, length, surrogate)[0]
 
 
-def _neuron_over_time_fwd(state, preds, length, surrogate):
+def _neuron_over_time_fwd(state, preds, valid, length, surrogate):
   const = preds.ndim == state.ndim
   spikes, state, window = _step_through_time(state, None if const else preds,
-                                             preds if const else None, length, surrogate)
-  return (spikes, state), window
+                                             preds if const else None, length, surrogate, valid)
+  return (spikes, state), (window, valid)
 
 
-def _neuron_over_time_bwd(length, surrogate, window, cotangents):
+def _neuron_over_time_bwd(length, surrogate, residual, cotangents):
   """The `ste` neuron's backward needs no loop: d spike_t / d pred_t = window_t and nothing
   crosses time steps (the membrane's cotangent is dropped), so it is elementwise. This keeps
   only the bool window (a constant pred: one step's), where the scan's transpose would also
-  reverse and restack float tensors."""
-  del length
+  reverse and restack float tensors. A masked step's spike is a constant 0: its cotangent
+  (which the spike count's cotangent reaches) is dropped."""
+  window, valid = residual
   g_spikes, _ = cotangents                            # (n, B, ...); final state: no gradient
+  if valid is not None:
+    on = jnp.arange(length, dtype=jnp.int32) < valid  # (n,) the steps that ran
+    g_spikes = jnp.where(on.reshape((length,) + (1,) * (g_spikes.ndim - 1)), g_spikes,
+                         jnp.zeros((), g_spikes.dtype))
   if window.ndim == g_spikes.ndim:                    # a pred per step
     g_preds = surrogate.clip_grad(window, g_spikes)
   else:                                               # one pred for every step
     g_preds = surrogate.clip_grad(window, _sum_leading(g_spikes))
-  return g_spikes[0], g_preds  # d state_0: g_c of the first step, as `neuron.bddi` gives
+  # d state_0: g_c of the first step, as `neuron.bddi` gives; valid: an integer, no cotangent.
+  return g_spikes[0], g_preds, None
 
 
 _neuron_over_time.defvjp(_neuron_over_time_fwd, _neuron_over_time_bwd)
@@ -240,9 +248,10 @@ _neuron_over_time.defvjp(_neuron_over_time_fwd, _neuron_over_time_bwd)
 
 def layer_runs(module: models.BITnet6, params) -> tuple:
   """The lean layers of `module`, in the contract of the engine's chunk loop
-  (`engines._chunk`): per layer, `(x, state, n) -> (output, state, spikes per image)`, where x is
-  its input spikes (n, B, ...) (for `begin`, its constant pred (B, ...)) and output its (pooled)
-  spikes (n, B, ...).
+  (`engines._chunk`): per layer, `(x, state, n, valid) -> (output, state, spikes per image)`,
+  where x is its input spikes (n, B, ...) (for `begin`, its constant pred (B, ...)), output its
+  (pooled) spikes (n, B, ...), and valid None or the int32 number of steps that run (the rest
+  are masked: `neuron.over_time`).
 
   Args:
     module: a BITnet module whose surrogate is `ste`.
@@ -250,12 +259,12 @@ def layer_runs(module: models.BITnet6, params) -> tuple:
   """
   check_surrogate(module.surrogate)
 
-  def run(spec, x, state, n):
+  def run(spec, x, state, n, valid=None):
     if spec.name != "begin":
       flat = x.reshape((-1,) + x.shape[2:])                              # (n*B, H, W, C)
       x = _spike_synapse(module, spec.name, params[spec.name], flat)     # one conv for n steps
       x = x.reshape((n, -1) + x.shape[1:])                               # (n, B, ...)
-    spikes, state = _neuron_over_time(state, x, n, module.surrogate)
+    spikes, state = _neuron_over_time(state, x, valid, n, module.surrogate)
     return (_spike_pool(spikes) if spec.pool else spikes), state, neuron.per_image(spikes)
 
   return tuple(functools.partial(run, spec) for spec in module.plan())

@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_time_steps = 50          # time steps T at evaluation (train.py/eval.py --steps N overrides)
   c.engine = "parallel"           # parallel | scan (same results; parallel is faster)
   c.chunk = 0                     # parallel engine: time steps per chunk (bounds memory); 0 = all T at once
+  c.eval_chunk = 10               # the same at evaluation (no gradients: chunks cost nothing; every T compiles one chunk)
   c.remat = "none"                # what backprop keeps: parallel: none | chunk | stream (ste only); scan: none | step | every:K
 
   # Optimisation (bitnet_jax/trainer.py).

@@ -91,6 +91,64 @@ def test_layer_and_neuron_match_dense_over_many_steps(pool):
       np.testing.assert_array_equal(got[2], want[2])
 
 
+@pytest.mark.parametrize("pool", [False, True])
+def test_layer_and_neuron_mask_steps_past_valid(pool):
+  """`valid` is a runtime operand (one compiled call for every value): the first `valid` steps
+  run as the unmasked call over only those steps does; later steps emit nothing and leave the
+  membranes as they are; the dense reference (whose autodiff is the backward) agrees, float64."""
+  rng = np.random.default_rng(3)
+  with jax.enable_x64(True):
+    x = jnp.asarray(_spikes(rng, (19, 2, 6, 8, 5), 0.3), jnp.float64)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 5, 21)) * 0.5)
+    bias = jnp.asarray(rng.standard_normal(21) * 0.2)
+    state = jnp.asarray(rng.random((2, 6, 8, 21)))
+    pred = jnp.asarray(rng.standard_normal((2, 6, 8, 21)))
+    layer = jax.jit(lambda v: spike_conv.layer(x, kernel, bias, state, pool, "ste", v))
+    neuron = jax.jit(lambda v: spike_conv.neuron(pred, state, 19, pool, "ste", v))
+    for valid in (0, 1, 8, 11, 19):
+      v = jnp.int32(valid)
+      for got, dense, short in [
+          (layer(v), _layer_dense(x, kernel, bias, state, pool, "ste", v),
+           _layer_dense(x[:max(valid, 1)], kernel, bias, state, pool, "ste")),
+          (neuron(v), _neuron_dense(pred, state, 19, pool, "ste", v),
+           _neuron_dense(pred, state, max(valid, 1), pool, "ste"))]:
+        np.testing.assert_array_equal(got[0], dense[0], err_msg=valid)
+        np.testing.assert_allclose(got[1], dense[1], rtol=0, atol=1e-12, err_msg=valid)
+        np.testing.assert_array_equal(got[2], dense[2], err_msg=valid)
+        assert not np.any(np.asarray(got[0][valid:])), valid
+        if valid:
+          np.testing.assert_array_equal(got[0][:valid], short[0])
+          np.testing.assert_allclose(got[1], short[1], rtol=0, atol=1e-12)
+          np.testing.assert_array_equal(got[2], short[2])
+        else:
+          np.testing.assert_array_equal(got[1], state)
+          np.testing.assert_array_equal(got[2], 0)
+
+
+def test_masked_layer_gradient_is_the_dense_one():
+  """The backward of a masked call differentiates the masked dense computation: masked steps
+  contribute zero, so the gradient equals that of the unmasked call over the valid steps."""
+  rng = np.random.default_rng(4)
+  with jax.enable_x64(True):
+    x = jnp.asarray(_spikes(rng, (6, 2, 4, 4, 3), 0.4), jnp.float64)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 8)) * 0.5)
+    bias, state = jnp.asarray(rng.standard_normal(8) * 0.2), jnp.asarray(rng.random((2, 4, 4, 8)))
+    probe = jnp.asarray(rng.standard_normal((6, 2, 2, 2, 8)))
+
+    def loss(f, n):
+      def value(kernel, bias, state):
+        spikes, new_state, count = f(kernel, bias, state)
+        return (jnp.sum(spikes[:n] * probe[:n]) + jnp.sum(spikes) + jnp.sum(new_state ** 2)
+                + jnp.sum(count))
+      return jax.grad(value, argnums=(0, 1, 2))(kernel, bias, state)
+
+    masked = loss(lambda *a: spike_conv.layer(x, *a, True, "triangle", jnp.int32(4)), 6)
+    short = loss(lambda *a: _layer_dense(x[:4], *a, True, "triangle"), 4)
+    for a, b in zip(masked, short):
+      assert float(jnp.abs(b).max()) > 0
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-12 * float(jnp.abs(b).max()))
+
+
 def test_conv_rejects_bad_input():
   x = np.zeros((1, 4, 4, 8), np.float32)
   with pytest.raises(ValueError, match=r"expected \(N, H, W, Ci\) spikes and a \(3, 3, Ci, Co\)"):
@@ -109,6 +167,11 @@ def test_conv_rejects_bad_input():
     spike_conv.neuron(state[:, :3], state[:, :3], 2, True, "ste")
   with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
     spike_conv.neuron(state, state, 0, False, "ste")
+  with pytest.raises(ValueError, match=r"valid \(the number of steps that run\) must be None or "
+                                       r"an integer scalar, got \(2,\) int32"):
+    spike_conv.neuron(state, state, 2, False, "ste", np.array([1, 2], np.int32))
+  with pytest.raises(ValueError, match="must be None or an integer scalar, got \\(\\) float32"):
+    spike_conv.layer(x[None], kernel, bias, state, False, "ste", np.float32(1))
 
 
 def test_unavailable_kernel_is_a_clear_error(monkeypatch):

@@ -193,20 +193,22 @@ void SpikeConv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const T* ke
 // synapse on that step's input spikes plus the bias (or, without a kernel, the constant pred x:
 // the first layer), clipped to [0, 1], integrated into the membrane, fire at 1, reset by
 // subtraction; then the 2x2 max pool of the spikes (if `pool`) and the number of spikes per image
-// (before pooling). The steps go in blocks of kStepBlock (the active-channel lists are built for
+// (before pooling). Only the first `valid` steps run (0 <= valid <= steps, a runtime operand, so
+// one compiled call serves a padded last chunk): a later step leaves the membranes unchanged and
+// emits no spike (its output is zeros). The steps go in blocks of kStepBlock (the active-channel lists are built for
 // one block at a time, which bounds the scratch memory). A task takes one tile of channels of two
 // rows of one image and keeps their membranes in L1 across a block's steps, so the membranes are
 // read and written once per block. It owns whole pooling windows; the tile is the slowest task
 // index, so consecutive tasks share a tile's kernel slice in the cache.
 //   x: (steps, n, h, w, ci) spikes, or (n, h, w, co) pred without a kernel
 //   state, state_out: (n, h, w, co) (may alias)   spikes_out: (steps, n, h', w', co)
-//   counts_out: (n,)
+//   counts_out: (n,)   valid: the number of steps that run
 constexpr int64_t kStepBlock = 8;
 
 template <typename T>
-void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, bool do_pool,
-                const T* x, const T* kernel, const T* bias, const T* state, T* spikes_out,
-                T* state_out, T* counts_out) {
+void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, int64_t valid,
+                bool do_pool, const T* x, const T* kernel, const T* bias, const T* state,
+                T* spikes_out, T* state_out, T* counts_out) {
   using V = Vec<T>;
   using VT = typename V::type;
   constexpr int64_t L = V::kLanes, kTile = 8 * L;
@@ -214,8 +216,13 @@ void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, bool do
   const int64_t pairs = (g.h + 1) / 2;  // row pairs per image (the last may be a single row)
   const int64_t oh = do_pool ? g.h / 2 : g.h, ow = do_pool ? g.w / 2 : g.w;
   std::vector<T> partial(tiles * g.n * pairs, T(0));  // spikes per task, summed in order below
-  for (int64_t k0 = 0; k0 < steps; k0 += kStepBlock) {
-    const int64_t k1 = std::min(steps, k0 + kStepBlock);
+  valid = std::clamp<int64_t>(valid, 0, steps);
+  const int64_t out_step = g.n * oh * ow * g.co;  // elements of one step's output spikes
+  std::memset(spikes_out + valid * out_step, 0, (steps - valid) * out_step * sizeof(T));
+  if (valid == 0 && state_out != state)
+    std::memcpy(state_out, state, g.n * g.h * g.w * g.co * sizeof(T));
+  for (int64_t k0 = 0; k0 < valid; k0 += kStepBlock) {
+    const int64_t k1 = std::min(valid, k0 + kStepBlock);
     const uint16_t *lists = nullptr, *counts = nullptr;
     if (kernel != nullptr) {  // the block's images: image (k - k0) * n + b
       Geometry block = g;
@@ -304,7 +311,8 @@ ffi::Error SpikeConvHandler(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<
 
 template <ffi::DataType D>
 ffi::Error SpikeLayerHandler(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<D> kernel,
-                             ffi::Buffer<D> bias, ffi::Buffer<D> state, bool do_pool,
+                             ffi::Buffer<D> bias, ffi::Buffer<D> state,
+                             ffi::Buffer<ffi::S32> valid, bool do_pool,
                              ffi::ResultBuffer<D> spikes, ffi::ResultBuffer<D> state_out,
                              ffi::ResultBuffer<D> counts) {
   auto xd = x.dimensions(), kd = kernel.dimensions(), sd = state.dimensions();
@@ -318,26 +326,29 @@ ffi::Error SpikeLayerHandler(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer
   if (g.ci > 65535 || (do_pool && (g.h % 2 || g.w % 2)))
     return ffi::Error::InvalidArgument("spike_layer: at most 65535 input channels; pooling "
                                        "needs an even height and width");
-  SpikeLayer(pool, g, xd[0], do_pool, x.typed_data(), kernel.typed_data(), bias.typed_data(),
-             state.typed_data(), spikes->typed_data(), state_out->typed_data(),
-             counts->typed_data());
+  if (valid.dimensions().size() != 0)
+    return ffi::Error::InvalidArgument("spike_layer: valid must be an int32 scalar");
+  SpikeLayer(pool, g, xd[0], *valid.typed_data(), do_pool, x.typed_data(), kernel.typed_data(),
+             bias.typed_data(), state.typed_data(), spikes->typed_data(),
+             state_out->typed_data(), counts->typed_data());
   return ffi::Error::Success();
 }
 
 // The neuron alone for `steps` steps of a constant pred (the first layer: its input is the image).
 template <ffi::DataType D>
 ffi::Error SpikeNeuronHandler(ffi::ThreadPool pool, ffi::Buffer<D> pred, ffi::Buffer<D> state,
-                              bool do_pool, int64_t steps, ffi::ResultBuffer<D> spikes,
+                              ffi::Buffer<ffi::S32> valid, bool do_pool, int64_t steps, ffi::ResultBuffer<D> spikes,
                               ffi::ResultBuffer<D> state_out, ffi::ResultBuffer<D> counts) {
   auto pd = pred.dimensions(), sd = state.dimensions();
   if (pd.size() != 4 || sd.size() != 4 || pd[0] != sd[0] || pd[1] != sd[1] || pd[2] != sd[2] ||
-      pd[3] != sd[3] || steps < 1)
-    return ffi::Error::InvalidArgument("spike_neuron: expected (N, H, W, C) pred and state, and "
-                                       "steps >= 1");
+      pd[3] != sd[3] || steps < 1 || valid.dimensions().size() != 0)
+    return ffi::Error::InvalidArgument("spike_neuron: expected (N, H, W, C) pred and state, an "
+                                       "int32 scalar valid, and steps >= 1");
   Geometry g{pd[0], pd[1], pd[2], pd[3], pd[3]};
   if (do_pool && (g.h % 2 || g.w % 2))
     return ffi::Error::InvalidArgument("spike_neuron: pooling needs an even height and width");
-  SpikeLayer<ffi::NativeType<D>>(pool, g, steps, do_pool, pred.typed_data(), nullptr, nullptr,
+  SpikeLayer<ffi::NativeType<D>>(pool, g, steps, *valid.typed_data(), do_pool,
+                                 pred.typed_data(), nullptr, nullptr,
                                  state.typed_data(), spikes->typed_data(),
                                  state_out->typed_data(), counts->typed_data());
   return ffi::Error::Success();
@@ -351,6 +362,7 @@ ffi::Error SpikeNeuronHandler(ffi::ThreadPool pool, ffi::Buffer<D> pred, ffi::Bu
                                     .Ctx<ffi::ThreadPool>()           \
                                     .Arg<ffi::Buffer<D>>()            \
                                     .Arg<ffi::Buffer<D>>()            \
+                                    .Arg<ffi::Buffer<ffi::S32>>()     \
                                     .Attr<bool>("pool")               \
                                     .Attr<int64_t>("steps")           \
                                     .Ret<ffi::Buffer<D>>()            \
@@ -367,6 +379,7 @@ BITNET_SPIKE_NEURON(BitnetSpikeNeuronF64, ffi::F64)
                                     .Arg<ffi::Buffer<D>>()            \
                                     .Arg<ffi::Buffer<D>>()            \
                                     .Arg<ffi::Buffer<D>>()            \
+                                    .Arg<ffi::Buffer<ffi::S32>>()     \
                                     .Attr<bool>("pool")               \
                                     .Ret<ffi::Buffer<D>>()            \
                                     .Ret<ffi::Buffer<D>>()            \
