@@ -11,10 +11,12 @@ neuron, so their spikes and gradients agree (up to float-order flips of a convol
   (T_chunk * B) batch; only the cheap elementwise neuron is stepped in time (a `lax.scan` of
   `bddi`), which is exactly the running-sum identity of docs/ORIGINAL.md (spikes up to t =
   floor(sum of pred)) evaluated in the release's order. Chunks of `chunk` steps are run one after
-  another (carrying the states) so memory is bounded; `remat="chunk"` recomputes a chunk in the
-  backward pass instead of keeping it. With one chunk (the default) there is no loop around the
+  another in a `lax.scan` (carrying the states) so memory is bounded; all of them have the same
+  length, the last one padded with masked steps when `chunk` does not divide T, so every T
+  compiles the same chunk program. `remat="chunk"` recomputes a chunk in the backward pass
+  instead of keeping it. With one chunk (the training default) there is no loop around the
   convolutions, so their weight gradients stay out of loop bodies (XLA:CPU runs those ~60x slower,
-  jax issue #12868). `remat="stream"` (`ste` surrogate only): the same chunk loop, over the lean
+  jax issue #12868); evaluation runs chunks of `EVAL_CHUNK` steps by default. `remat="stream"` (`ste` surrogate only): the same chunk loop, over the lean
   layers of `streaming.py`, inside a `custom_vjp` (`_streamed`) whose forward keeps no
   activations and whose backward re-runs the chunks one at a time, differentiating each on its
   own, so training memory is one chunk's activations whatever T is (one extra forward pass).

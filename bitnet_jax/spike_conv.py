@@ -3,13 +3,14 @@
 - `conv(spikes, kernel)` equals the 3x3 'SAME' convolution of `models._linear` (up to summation
   order): per output position it adds only the kernel rows of the active inputs around it, so
   its cost scales with the number of spikes instead of the number of inputs.
-- `layer(spikes, kernel, bias, state, pool, surrogate)` runs a spiking conv layer over the T
-  time steps of its input spikes (T, N, H, W, Ci) in one call: at each step that synapse, the
-  bias and the bddi neuron (`neuron.bddi`), then the 2x2 max pool and the per-image spike count.
+- `layer(spikes, kernel, bias, state, pool, surrogate, valid=None)` runs a spiking conv layer over
+  the T time steps of its input spikes (T, N, H, W, Ci) in one call: at each step that synapse,
+  the bias and the bddi neuron (`neuron.bddi`), then the 2x2 max pool and the per-image spike
+  count. `valid`, a runtime int32 operand, masks the steps past it (a padded last chunk).
   The membranes stay in the L1 cache across steps and no float32 pre-activation is stored. Both
   engines run sparse models through it (`scan` with T = 1, `parallel` once per chunk);
-- `neuron(pred, state, steps, pool, surrogate)`: the same without the synapse, for a constant
-  pred (the first layer, whose input is the image).
+- `neuron(pred, state, steps, pool, surrogate, valid=None)`: the same without the synapse, for a
+  constant pred (the first layer, whose input is the image).
 
 Both differentiate as the dense computations do (`jax.custom_vjp`: the backward recomputes
 them densely), so a model that uses them still trains. Under a jit whose batch is sharded over

@@ -91,6 +91,29 @@ def test_layer_and_neuron_match_dense_over_many_steps(pool):
       np.testing.assert_array_equal(got[2], want[2])
 
 
+# (Ci, Co, dtype): several output tiles, the last with a vector and a scalar tail (float32: tiles
+# of 128); many input channels, so that a tile's kernel slice is narrowed to fit the L2 cache
+# (float64: 9 * 150 * 64 * 8 bytes > 640 KB, so tiles of 32).
+@pytest.mark.parametrize("ci,co,dtype", [(8, 128 + 16 + 5, np.float32), (150, 139, np.float64)])
+def test_layer_matches_dense_in_tiles(ci, co, dtype):
+  rng = np.random.default_rng(5)
+  with jax.enable_x64(True):
+    x = jnp.asarray(_spikes(rng, (11, 2, 4, 6, ci), 0.2), dtype)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, ci, co)) / np.sqrt(ci), dtype)
+    bias = jnp.asarray(rng.standard_normal(co) * 0.2, dtype)
+    state = jnp.asarray(rng.random((2, 4, 6, co)), dtype)
+    got = spike_conv.layer(x, kernel, bias, state, True, "ste")
+    want = _layer_dense(x, kernel, bias, state, True, "ste")
+    assert 0 < float(want[0].mean()) < 1
+    if dtype == np.float64:
+      np.testing.assert_array_equal(got[0], want[0])
+      np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-12)
+      np.testing.assert_array_equal(got[2], want[2])
+    else:  # float32: a spike may move where the summation order rounds across the threshold
+      assert np.mean(np.asarray(got[0]) != np.asarray(want[0])) <= 1e-3
+      np.testing.assert_allclose(got[2], want[2], rtol=1e-3)
+
+
 @pytest.mark.parametrize("pool", [False, True])
 def test_layer_and_neuron_mask_steps_past_valid(pool):
   """`valid` is a runtime operand (one compiled call for every value): the first `valid` steps

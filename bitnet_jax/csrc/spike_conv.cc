@@ -172,6 +172,78 @@ inline void Accumulate(const Geometry& g, const T* kernel, const uint16_t* lists
   if (c < c1) AccumulateScalar<T>(g, kernel, lists, counts, b, y, x, c, c1, out + (c - c0));
 }
 
+// Accumulate for `steps` consecutive time steps of one position: step k reads image k * n + b of
+// the lists and writes z[k * stride, ...). Tap-major, then steps: a tap's input position has the
+// same active channels at many steps (a neuron that fires keeps firing), so the kernel rows that
+// one step loads from L2 are still in L1 for the next steps. The accumulators go through L1
+// between taps; each output's sum keeps Accumulate's order (taps row-major, channels ascending),
+// so the result is bitwise the same.
+template <typename T, int K>
+void AccumulateTileSteps(const Geometry& g, const T* kernel, const uint16_t* lists,
+                         const uint16_t* counts, int64_t b, int64_t y, int64_t x, int64_t c0,
+                         int64_t steps, T* z, int64_t stride) {
+  using V = Vec<T>;
+  for (int64_t k = 0; k < steps; ++k)
+    for (int j = 0; j < K; ++j) V::Store(z + k * stride + j * V::kLanes, typename V::type{});
+  for (int64_t dy = 0; dy < 3; ++dy) {
+    const int64_t yy = y + dy - 1;
+    if (yy < 0 || yy >= g.h) continue;
+    for (int64_t dx = 0; dx < 3; ++dx) {
+      const int64_t xx = x + dx - 1;
+      if (xx < 0 || xx >= g.w) continue;
+      const T* tap = kernel + (dy * 3 + dx) * g.ci * g.co + c0;
+      for (int64_t k = 0; k < steps; ++k) {
+        const int64_t q = ((k * g.n + b) * g.h + yy) * g.w + xx;
+        const int64_t m = counts[q];
+        if (m == 0) continue;
+        const uint16_t* list = lists + q * g.ci;
+        T* out = z + k * stride;
+        typename V::type acc[K];
+        for (int j = 0; j < K; ++j) acc[j] = V::Load(out + j * V::kLanes);
+        for (int64_t i = 0; i < m; ++i) {
+          const T* row = tap + list[i] * g.co;
+#pragma GCC unroll 8
+          for (int j = 0; j < K; ++j) acc[j] += V::Load(row + j * V::kLanes);
+        }
+        for (int j = 0; j < K; ++j) V::Store(out + j * V::kLanes, acc[j]);
+      }
+    }
+  }
+}
+
+template <typename T>
+void AccumulateScalarSteps(const Geometry& g, const T* kernel, const uint16_t* lists,
+                           const uint16_t* counts, int64_t b, int64_t y, int64_t x, int64_t c0,
+                           int64_t c1, int64_t steps, T* z, int64_t stride) {
+  const int64_t n = c1 - c0;
+  for (int64_t k = 0; k < steps; ++k) {
+    T* out = z + k * stride;
+    for (int64_t c = 0; c < n; ++c) out[c] = 0;
+    ForActiveRows(g, kernel + c0, lists, counts, k * g.n + b, y, x, [&](const T* row) {
+      for (int64_t c = 0; c < n; ++c) out[c] += row[c];
+    });
+  }
+}
+
+// Columns [c0, c1) of position (b, y, x) at `steps` steps, the synapse without its bias, to
+// z[k * stride, k * stride + c1 - c0) for step k.
+template <typename T>
+inline void AccumulateSteps(const Geometry& g, const T* kernel, const uint16_t* lists,
+                            const uint16_t* counts, int64_t b, int64_t y, int64_t x, int64_t c0,
+                            int64_t c1, int64_t steps, T* z, int64_t stride) {
+  constexpr int64_t L = Vec<T>::kLanes;
+  int64_t c = c0;
+  for (; c + 8 * L <= c1; c += 8 * L)
+    AccumulateTileSteps<T, 8>(g, kernel, lists, counts, b, y, x, c, steps, z + (c - c0), stride);
+  for (; c + 4 * L <= c1; c += 4 * L)
+    AccumulateTileSteps<T, 4>(g, kernel, lists, counts, b, y, x, c, steps, z + (c - c0), stride);
+  for (; c + L <= c1; c += L)
+    AccumulateTileSteps<T, 1>(g, kernel, lists, counts, b, y, x, c, steps, z + (c - c0), stride);
+  if (c < c1)
+    AccumulateScalarSteps<T>(g, kernel, lists, counts, b, y, x, c, c1, steps, z + (c - c0),
+                             stride);
+}
+
 template <typename T>
 void SpikeConv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const T* kernel, T* out) {
   const uint16_t *lists, *counts;
@@ -195,15 +267,23 @@ void SpikeConv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const T* ke
 // subtraction; then the 2x2 max pool of the spikes (if `pool`) and the number of spikes per image
 // (before pooling). Only the first `valid` steps run (0 <= valid <= steps, a runtime operand, so
 // one compiled call serves a padded last chunk): a later step leaves the membranes unchanged and
-// emits no spike (its output is zeros). The steps go in blocks of kStepBlock (the active-channel lists are built for
-// one block at a time, which bounds the scratch memory). A task takes one tile of channels of two
-// rows of one image and keeps their membranes in L1 across a block's steps, so the membranes are
-// read and written once per block. It owns whole pooling windows; the tile is the slowest task
-// index, so consecutive tasks share a tile's kernel slice in the cache.
+// emits no spike (its output is zeros). The steps go in blocks of kStepBlock (the active-channel
+// lists are built for one block at a time, which bounds the scratch memory). A task takes one
+// tile of channels of two rows of one image and keeps their membranes in L1 across a block's
+// steps, so the membranes are read and written once per block. It owns whole pooling windows; the
+// tile is the slowest task index, so consecutive tasks share a tile's kernel slice in the cache.
+// Three choices keep the kernel rows in cache (the row additions are bound by their loads):
+//   - per position, the synapse of all the block's steps, tap-major (AccumulateSteps): the rows a
+//     tap adds at one step are in L1 for the next steps (the same channels keep firing);
+//   - the kernel is copied once per call into tile-major order, so a tile's slice is contiguous
+//     (in HWIO its rows are co values apart and would map onto only tile / co of the cache sets);
+//   - the tile is narrowed (128 -> 64 -> ... floats) until its slice fits in kTileBytes of L2.
+// None of them changes any sum's order: the result is bitwise that of `Accumulate` per step.
 //   x: (steps, n, h, w, ci) spikes, or (n, h, w, co) pred without a kernel
 //   state, state_out: (n, h, w, co) (may alias)   spikes_out: (steps, n, h', w', co)
 //   counts_out: (n,)   valid: the number of steps that run
 constexpr int64_t kStepBlock = 8;
+constexpr int64_t kTileBytes = 640 << 10;  // of Zen 4's 1 MB L2, the rest for lists and outputs
 
 template <typename T>
 void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, int64_t valid,
@@ -212,7 +292,26 @@ void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, int64_t
   using V = Vec<T>;
   using VT = typename V::type;
   constexpr int64_t L = V::kLanes, kTile = 8 * L;
-  const int64_t tiles = (g.co + kTile - 1) / kTile;
+  // Output channels in tiles of `tile` (8 vectors, or fewer when a tile's kernel slice,
+  // 9 * ci * tile values, would not fit in the L2 cache).
+  int64_t tile = kTile;
+  while (tile > L && 9 * g.ci * tile * int64_t(sizeof(T)) > kTileBytes) tile /= 2;
+  const int64_t tiles = (g.co + tile - 1) / tile;
+  // The kernel by tile: tile t's slice (9 * ci rows of its width) contiguous at 9 * ci * t * tile,
+  // so that it maps onto every cache set (rows co values apart would use only tile / co of them).
+  const T* tiled = kernel;
+  if (kernel != nullptr && tiles > 1) {
+    thread_local std::vector<T> tiled_buf;
+    tiled_buf.resize(9 * g.ci * g.co);
+    T* dst = tiled_buf.data();
+    ParallelFor(pool, tiles, [&](int64_t t) {
+      const int64_t c0 = t * tile, width = std::min(g.co, c0 + tile) - c0;
+      for (int64_t row = 0; row < 9 * g.ci; ++row)
+        std::memcpy(dst + 9 * g.ci * c0 + row * width, kernel + row * g.co + c0,
+                    width * sizeof(T));
+    });
+    tiled = dst;
+  }
   const int64_t pairs = (g.h + 1) / 2;  // row pairs per image (the last may be a single row)
   const int64_t oh = do_pool ? g.h / 2 : g.h, ow = do_pool ? g.w / 2 : g.w;
   std::vector<T> partial(tiles * g.n * pairs, T(0));  // spikes per task, summed in order below
@@ -232,10 +331,12 @@ void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, int64_t
     const T* membranes = k0 == 0 ? state : state_out;
     ParallelFor(pool, tiles * g.n * pairs, [&](int64_t i) {
       const int64_t t = i / (g.n * pairs), b = (i / pairs) % g.n, r = i % pairs;
-      const int64_t c0 = t * kTile, c1 = std::min(g.co, c0 + kTile), width = c1 - c0;
+      const int64_t c0 = t * tile, c1 = std::min(g.co, c0 + tile), width = c1 - c0;
+      Geometry tile_g = g;  // the tile's slice of the tiled kernel: rows of `width` values
+      tile_g.co = width;
       const VT zero{}, one = zero + T(1);
       VT fired_lanes{};  // spike counts, exact in any order (integers)
-      T total = 0, z[kTile], membrane[kTile];
+      T total = 0, membrane[kTile], zs[kStepBlock * kTile];  // zs: a pred per step of the block
       auto out_row = [&](int64_t k, int64_t y, int64_t xpos) {
         return spikes_out + (((k * g.n + b) * oh + y) * ow + xpos) * g.co + c0;
       };
@@ -247,13 +348,15 @@ void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, int64_t
         for (int64_t xpos = 0; xpos < g.w; ++xpos) {
           const int64_t p = (b * g.h + y) * g.w + xpos;
           std::memcpy(membrane, membranes + p * g.co + c0, width * sizeof(T));
+          if (kernel != nullptr)
+            AccumulateSteps(tile_g, tiled + 9 * g.ci * c0, lists, counts, b, y, xpos, 0, width,
+                            k1 - k0, zs, kTile);
+          else  // the constant pred of every step
+            std::memcpy(zs, x + p * g.co + c0, width * sizeof(T));
           for (int64_t k = k0; k < k1; ++k) {
-            if (kernel != nullptr) {
-              Accumulate(g, kernel, lists, counts, (k - k0) * g.n + b, y, xpos, c0, c1, z);
+            T* z = kernel != nullptr ? zs + (k - k0) * kTile : zs;
+            if (kernel != nullptr)
               for (int64_t c = 0; c < width; ++c) z[c] += bias[c0 + c];
-            } else if (k == k0) {
-              std::memcpy(z, x + p * g.co + c0, width * sizeof(T));
-            }
             T* o = do_pool ? out_row(k, y / 2, xpos / 2) : out_row(k, y, xpos);
             int64_t c = 0;
             for (; c + L <= width; c += L) {  // the scalar loop below, a vector at a time
