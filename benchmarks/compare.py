@@ -301,9 +301,9 @@ def main(argv=None):
                  help="JAX evaluation engine (on CPU `scan` is ~10%% faster than `parallel`)")
   p.add_argument("--sparse_eval_engine", default="parallel",
                  help="JAX evaluation engine with sparse synapses (parallel: ~5%% faster here)")
-  p.add_argument("--sparse_eval_chunk", type=int, default=8,
+  p.add_argument("--sparse_eval_chunk", type=int, default=10,
                  help="JAX evaluation with sparse synapses, parallel engine: steps per chunk "
-                      "(the kernel runs steps in blocks of 8)")
+                      "(10: evaluation's default, engines.EVAL_CHUNK)")
   p.add_argument("--eval_chunk", type=int, default=10,
                  help="JAX evaluation, parallel engine: steps per chunk")
   p.add_argument("--dtypes", default="float32", help="JAX compute dtypes, comma separated")
