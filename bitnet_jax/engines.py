@@ -16,10 +16,11 @@ neuron, so their spikes and gradients agree (up to float-order flips of a convol
   compiles the same chunk program. `remat="chunk"` recomputes a chunk in the backward pass
   instead of keeping it. With one chunk (the training default) there is no loop around the
   convolutions, so their weight gradients stay out of loop bodies (XLA:CPU runs those ~60x slower,
-  jax issue #12868); evaluation runs chunks of `EVAL_CHUNK` steps by default. `remat="stream"` (`ste` surrogate only): the same chunk loop, over the lean
-  layers of `streaming.py`, inside a `custom_vjp` (`_streamed`) whose forward keeps no
-  activations and whose backward re-runs the chunks one at a time, differentiating each on its
-  own, so training memory is one chunk's activations whatever T is (one extra forward pass).
+  jax issue #12868); evaluation runs chunks of `EVAL_CHUNK` steps by default. `remat="stream"`
+  (`ste` surrogate only): the same chunk loop, over the lean layers of `streaming.py`, inside a
+  `custom_vjp` (`_streamed`) whose forward keeps no activations and whose backward re-runs the
+  chunks one at a time, differentiating each on its own, so training memory is one chunk's
+  activations whatever T is (one extra forward pass).
 
 One chunk loop (`_chunk`, `_over_chunks`) serves all three `parallel` modes; the neuron through
 time is `neuron.layer_over_time`, which the sparse kernels' dense references use too.

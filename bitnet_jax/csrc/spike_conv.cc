@@ -8,8 +8,9 @@
 // both split over XLA's intra-op thread pool:
 //   1. per input position, the list of its active channels (uint16 indices, in order);
 //   2. per output position and tile of output channels (8 AVX-512 vectors: 128 floats; measured
-//      faster than 2, 4 or 16), register accumulators that add the rows w[tap, c, tile] of the
-//      listed channels, taps in row-major order, channels ascending.
+//      faster than 2, 4 or 16; fewer where a tile's kernel slice would not fit in L2), register
+//      accumulators that add the rows w[tap, c, tile] of the listed channels, taps in row-major
+//      order, channels ascending, from a copy of the kernel whose tiles are contiguous.
 // Inputs that are not 0/1 are treated as 0 where 0 and as 1 elsewhere: the caller
 // (bitnet_jax/spike_conv.py) only passes spikes.
 //
@@ -244,20 +245,57 @@ inline void AccumulateSteps(const Geometry& g, const T* kernel, const uint16_t* 
                              stride);
 }
 
+// Output channels go in tiles of 8 vectors (128 floats), narrowed (64, 32, ... floats) until a
+// tile's kernel slice, 9 * ci * tile values, fits in kTileBytes of the L2 cache.
+constexpr int64_t kTileBytes = 640 << 10;  // of Zen 4's 1 MB L2, the rest for lists and outputs
+
+template <typename T>
+int64_t TileWidth(const Geometry& g) {
+  constexpr int64_t L = Vec<T>::kLanes;
+  int64_t tile = 8 * L;
+  while (tile > L && 9 * g.ci * tile * int64_t(sizeof(T)) > kTileBytes) tile /= 2;
+  return tile;
+}
+
+// The kernel by tile, in scratch reused between calls: tile t's slice (9 * ci rows of its width
+// w) contiguous at 9 * ci * t * tile, row r of it at + r * w. In HWIO a tile's rows are co values
+// apart and map onto only tile / co of the cache sets; contiguous, the slice uses all of them.
+template <typename T>
+const T* TileMajor(ffi::ThreadPool& pool, const Geometry& g, const T* kernel, int64_t tile) {
+  if (tile >= g.co) return kernel;  // one tile: already contiguous
+  thread_local std::vector<T> buf;
+  buf.resize(9 * g.ci * g.co);
+  T* dst = buf.data();
+  ParallelFor(pool, (g.co + tile - 1) / tile, [&](int64_t t) {
+    const int64_t c0 = t * tile, width = std::min(g.co, c0 + tile) - c0;
+    for (int64_t row = 0; row < 9 * g.ci; ++row)
+      std::memcpy(dst + 9 * g.ci * c0 + row * width, kernel + row * g.co + c0, width * sizeof(T));
+  });
+  return dst;
+}
+
+// The geometry of tile [c0, c1) of a TileMajor kernel: its rows are c1 - c0 values long.
+inline Geometry TileGeometry(const Geometry& g, int64_t c0, int64_t c1) {
+  Geometry tile_g = g;
+  tile_g.co = c1 - c0;
+  return tile_g;
+}
+
 template <typename T>
 void SpikeConv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const T* kernel, T* out) {
   const uint16_t *lists, *counts;
   BuildLists(pool, g, x, &lists, &counts);
-  // Output channels in tiles of 8 vectors (the last tile takes the rest). Tile-major order: a
-  // task adds rows of one tile's kernel slice (9 * ci * tile), which stays in the L2 cache.
+  // Tile-major task order: a task adds rows of one tile's kernel slice, which stays in L2.
   const int64_t positions = g.n * g.h * g.w, block = 64;
   const int64_t blocks = (positions + block - 1) / block;
-  const int64_t tile = 8 * Vec<T>::kLanes, tiles = (g.co + tile - 1) / tile;
+  const int64_t tile = TileWidth<T>(g), tiles = (g.co + tile - 1) / tile;
+  const T* tiled = TileMajor(pool, g, kernel, tile);
   ParallelFor(pool, tiles * blocks, [&](int64_t i) {
     const int64_t c0 = (i / blocks) * tile, c1 = std::min(g.co, c0 + tile);
+    const Geometry tile_g = TileGeometry(g, c0, c1);
     for (int64_t p = (i % blocks) * block, end = std::min(positions, p + block); p < end; ++p)
-      Accumulate(g, kernel, lists, counts, p / (g.h * g.w), (p / g.w) % g.h, p % g.w, c0, c1,
-                 out + p * g.co + c0);
+      Accumulate(tile_g, tiled + 9 * g.ci * c0, lists, counts, p / (g.h * g.w), (p / g.w) % g.h,
+                 p % g.w, 0, c1 - c0, out + p * g.co + c0);
   });
 }
 
@@ -283,8 +321,6 @@ void SpikeConv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const T* ke
 //   state, state_out: (n, h, w, co) (may alias)   spikes_out: (steps, n, h', w', co)
 //   counts_out: (n,)   valid: the number of steps that run
 constexpr int64_t kStepBlock = 8;
-constexpr int64_t kTileBytes = 640 << 10;  // of Zen 4's 1 MB L2, the rest for lists and outputs
-
 template <typename T>
 void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, int64_t valid,
                 bool do_pool, const T* x, const T* kernel, const T* bias, const T* state,
@@ -292,26 +328,9 @@ void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, int64_t
   using V = Vec<T>;
   using VT = typename V::type;
   constexpr int64_t L = V::kLanes, kTile = 8 * L;
-  // Output channels in tiles of `tile` (8 vectors, or fewer when a tile's kernel slice,
-  // 9 * ci * tile values, would not fit in the L2 cache).
-  int64_t tile = kTile;
-  while (tile > L && 9 * g.ci * tile * int64_t(sizeof(T)) > kTileBytes) tile /= 2;
+  const int64_t tile = kernel != nullptr ? TileWidth<T>(g) : kTile;
   const int64_t tiles = (g.co + tile - 1) / tile;
-  // The kernel by tile: tile t's slice (9 * ci rows of its width) contiguous at 9 * ci * t * tile,
-  // so that it maps onto every cache set (rows co values apart would use only tile / co of them).
-  const T* tiled = kernel;
-  if (kernel != nullptr && tiles > 1) {
-    thread_local std::vector<T> tiled_buf;
-    tiled_buf.resize(9 * g.ci * g.co);
-    T* dst = tiled_buf.data();
-    ParallelFor(pool, tiles, [&](int64_t t) {
-      const int64_t c0 = t * tile, width = std::min(g.co, c0 + tile) - c0;
-      for (int64_t row = 0; row < 9 * g.ci; ++row)
-        std::memcpy(dst + 9 * g.ci * c0 + row * width, kernel + row * g.co + c0,
-                    width * sizeof(T));
-    });
-    tiled = dst;
-  }
+  const T* tiled = kernel != nullptr ? TileMajor(pool, g, kernel, tile) : nullptr;
   const int64_t pairs = (g.h + 1) / 2;  // row pairs per image (the last may be a single row)
   const int64_t oh = do_pool ? g.h / 2 : g.h, ow = do_pool ? g.w / 2 : g.w;
   std::vector<T> partial(tiles * g.n * pairs, T(0));  // spikes per task, summed in order below
@@ -332,8 +351,7 @@ void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, int64_t
     ParallelFor(pool, tiles * g.n * pairs, [&](int64_t i) {
       const int64_t t = i / (g.n * pairs), b = (i / pairs) % g.n, r = i % pairs;
       const int64_t c0 = t * tile, c1 = std::min(g.co, c0 + tile), width = c1 - c0;
-      Geometry tile_g = g;  // the tile's slice of the tiled kernel: rows of `width` values
-      tile_g.co = width;
+      const Geometry tile_g = TileGeometry(g, c0, c1);
       const VT zero{}, one = zero + T(1);
       VT fired_lanes{};  // spike counts, exact in any order (integers)
       T total = 0, membrane[kTile], zs[kStepBlock * kTile];  // zs: a pred per step of the block
@@ -440,7 +458,8 @@ ffi::Error SpikeLayerHandler(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer
 // The neuron alone for `steps` steps of a constant pred (the first layer: its input is the image).
 template <ffi::DataType D>
 ffi::Error SpikeNeuronHandler(ffi::ThreadPool pool, ffi::Buffer<D> pred, ffi::Buffer<D> state,
-                              ffi::Buffer<ffi::S32> valid, bool do_pool, int64_t steps, ffi::ResultBuffer<D> spikes,
+                              ffi::Buffer<ffi::S32> valid, bool do_pool, int64_t steps,
+                              ffi::ResultBuffer<D> spikes,
                               ffi::ResultBuffer<D> state_out, ffi::ResultBuffer<D> counts) {
   auto pd = pred.dimensions(), sd = state.dimensions();
   if (pd.size() != 4 || sd.size() != 4 || pd[0] != sd[0] || pd[1] != sd[1] || pd[2] != sd[2] ||
