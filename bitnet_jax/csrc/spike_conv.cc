@@ -246,40 +246,56 @@ inline void AccumulateSteps(const Geometry& g, const T* kernel, const uint16_t* 
 }
 
 // Output channels go in tiles of 8 vectors (128 floats), narrowed (64, 32, ... floats) until a
-// tile's kernel slice, 9 * ci * tile values, fits in kTileBytes of the L2 cache.
+// tile's kernel slice, 9 * ci * tile values, fits in kTileBytes of the L2 cache. A narrowed
+// tile's slice is read from a tile-major copy of the kernel (in scratch reused between calls):
+// in HWIO its rows are co values apart and map onto only tile / co of the cache sets; in the
+// copy, tile t's 9 * ci rows of its width are contiguous from 9 * ci * t * tile. Full tiles read
+// the kernel in place (copying them was slower in interleaved A/B runs: layer 3 of the
+// benchmark, 256 outputs in 2 tiles).
 constexpr int64_t kTileBytes = 640 << 10;  // of Zen 4's 1 MB L2, the rest for lists and outputs
 
+// What Accumulate needs for the tile [c0, c1): its geometry, kernel and first column in them.
 template <typename T>
-int64_t TileWidth(const Geometry& g) {
-  constexpr int64_t L = Vec<T>::kLanes;
-  int64_t tile = 8 * L;
-  while (tile > L && 9 * g.ci * tile * int64_t(sizeof(T)) > kTileBytes) tile /= 2;
-  return tile;
-}
+struct TileView {
+  Geometry g;
+  const T* kernel;
+  int64_t c0;
+};
 
-// The kernel by tile, in scratch reused between calls: tile t's slice (9 * ci rows of its width
-// w) contiguous at 9 * ci * t * tile, row r of it at + r * w. In HWIO a tile's rows are co values
-// apart and map onto only tile / co of the cache sets; contiguous, the slice uses all of them.
 template <typename T>
-const T* TileMajor(ffi::ThreadPool& pool, const Geometry& g, const T* kernel, int64_t tile) {
-  if (tile >= g.co) return kernel;  // one tile: already contiguous
-  thread_local std::vector<T> buf;
-  buf.resize(9 * g.ci * g.co);
-  T* dst = buf.data();
-  ParallelFor(pool, (g.co + tile - 1) / tile, [&](int64_t t) {
-    const int64_t c0 = t * tile, width = std::min(g.co, c0 + tile) - c0;
-    for (int64_t row = 0; row < 9 * g.ci; ++row)
-      std::memcpy(dst + 9 * g.ci * c0 + row * width, kernel + row * g.co + c0, width * sizeof(T));
-  });
-  return dst;
-}
+class Tiles {
+ public:
+  Tiles(ffi::ThreadPool& pool, const Geometry& g, const T* kernel) : g_(g), kernel_(kernel) {
+    constexpr int64_t L = Vec<T>::kLanes;
+    if (kernel == nullptr) return;  // the neuron alone: no synapse
+    while (width_ > L && 9 * g.ci * width_ * int64_t(sizeof(T)) > kTileBytes) width_ /= 2;
+    if (width_ == 8 * L || width_ >= g.co) return;
+    thread_local std::vector<T> copy;
+    copy.resize(9 * g.ci * g.co);
+    T* dst = copy.data();
+    ParallelFor(pool, count(), [&](int64_t t) {
+      const int64_t c0 = t * width_, w = std::min(g.co, c0 + width_) - c0;
+      for (int64_t row = 0; row < 9 * g.ci; ++row)
+        std::memcpy(dst + 9 * g.ci * c0 + row * w, kernel + row * g.co + c0, w * sizeof(T));
+    });
+    kernel_ = dst;
+    copied_ = true;
+  }
+  int64_t width() const { return width_; }
+  int64_t count() const { return (g_.co + width_ - 1) / width_; }
+  TileView<T> View(int64_t c0, int64_t c1) const {
+    if (!copied_) return {g_, kernel_, c0};
+    Geometry tile_g = g_;
+    tile_g.co = c1 - c0;  // the copy's rows are the tile's width long
+    return {tile_g, kernel_ + 9 * g_.ci * c0, 0};
+  }
 
-// The geometry of tile [c0, c1) of a TileMajor kernel: its rows are c1 - c0 values long.
-inline Geometry TileGeometry(const Geometry& g, int64_t c0, int64_t c1) {
-  Geometry tile_g = g;
-  tile_g.co = c1 - c0;
-  return tile_g;
-}
+ private:
+  Geometry g_;
+  const T* kernel_;
+  int64_t width_ = 8 * Vec<T>::kLanes;
+  bool copied_ = false;
+};
 
 template <typename T>
 void SpikeConv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const T* kernel, T* out) {
@@ -288,14 +304,14 @@ void SpikeConv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const T* ke
   // Tile-major task order: a task adds rows of one tile's kernel slice, which stays in L2.
   const int64_t positions = g.n * g.h * g.w, block = 64;
   const int64_t blocks = (positions + block - 1) / block;
-  const int64_t tile = TileWidth<T>(g), tiles = (g.co + tile - 1) / tile;
-  const T* tiled = TileMajor(pool, g, kernel, tile);
-  ParallelFor(pool, tiles * blocks, [&](int64_t i) {
+  const Tiles<T> tiles(pool, g, kernel);
+  const int64_t tile = tiles.width();
+  ParallelFor(pool, tiles.count() * blocks, [&](int64_t i) {
     const int64_t c0 = (i / blocks) * tile, c1 = std::min(g.co, c0 + tile);
-    const Geometry tile_g = TileGeometry(g, c0, c1);
+    const TileView<T> v = tiles.View(c0, c1);
     for (int64_t p = (i % blocks) * block, end = std::min(positions, p + block); p < end; ++p)
-      Accumulate(tile_g, tiled + 9 * g.ci * c0, lists, counts, p / (g.h * g.w), (p / g.w) % g.h,
-                 p % g.w, 0, c1 - c0, out + p * g.co + c0);
+      Accumulate(v.g, v.kernel, lists, counts, p / (g.h * g.w), (p / g.w) % g.h, p % g.w, v.c0,
+                 v.c0 + c1 - c0, out + p * g.co + c0);
   });
 }
 
@@ -313,9 +329,8 @@ void SpikeConv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const T* ke
 // Three choices keep the kernel rows in cache (the row additions are bound by their loads):
 //   - per position, the synapse of all the block's steps, tap-major (AccumulateSteps): the rows a
 //     tap adds at one step are in L1 for the next steps (the same channels keep firing);
-//   - the kernel is copied once per call into tile-major order, so a tile's slice is contiguous
-//     (in HWIO its rows are co values apart and would map onto only tile / co of the cache sets);
-//   - the tile is narrowed (128 -> 64 -> ... floats) until its slice fits in kTileBytes of L2.
+//   - the tile is narrowed (128 -> 64 -> ... floats) until its slice fits in kTileBytes of L2,
+//     and a narrowed tile's slice is read from a tile-major copy of the kernel (Tiles).
 // None of them changes any sum's order: the result is bitwise that of `Accumulate` per step.
 //   x: (steps, n, h, w, ci) spikes, or (n, h, w, co) pred without a kernel
 //   state, state_out: (n, h, w, co) (may alias)   spikes_out: (steps, n, h', w', co)
@@ -328,9 +343,9 @@ void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, int64_t
   using V = Vec<T>;
   using VT = typename V::type;
   constexpr int64_t L = V::kLanes, kTile = 8 * L;
-  const int64_t tile = kernel != nullptr ? TileWidth<T>(g) : kTile;
+  const Tiles<T> kernel_tiles(pool, g, kernel);  // without a kernel: tiles of kTile, no copy
+  const int64_t tile = kernel != nullptr ? kernel_tiles.width() : kTile;
   const int64_t tiles = (g.co + tile - 1) / tile;
-  const T* tiled = kernel != nullptr ? TileMajor(pool, g, kernel, tile) : nullptr;
   const int64_t pairs = (g.h + 1) / 2;  // row pairs per image (the last may be a single row)
   const int64_t oh = do_pool ? g.h / 2 : g.h, ow = do_pool ? g.w / 2 : g.w;
   std::vector<T> partial(tiles * g.n * pairs, T(0));  // spikes per task, summed in order below
@@ -351,7 +366,7 @@ void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, int64_t
     ParallelFor(pool, tiles * g.n * pairs, [&](int64_t i) {
       const int64_t t = i / (g.n * pairs), b = (i / pairs) % g.n, r = i % pairs;
       const int64_t c0 = t * tile, c1 = std::min(g.co, c0 + tile), width = c1 - c0;
-      const Geometry tile_g = TileGeometry(g, c0, c1);
+      const TileView<T> v = kernel_tiles.View(c0, c1);
       const VT zero{}, one = zero + T(1);
       VT fired_lanes{};  // spike counts, exact in any order (integers)
       T total = 0, membrane[kTile], zs[kStepBlock * kTile];  // zs: a pred per step of the block
@@ -367,7 +382,7 @@ void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, int64_t
           const int64_t p = (b * g.h + y) * g.w + xpos;
           std::memcpy(membrane, membranes + p * g.co + c0, width * sizeof(T));
           if (kernel != nullptr)
-            AccumulateSteps(tile_g, tiled + 9 * g.ci * c0, lists, counts, b, y, xpos, 0, width,
+            AccumulateSteps(v.g, v.kernel, lists, counts, b, y, xpos, v.c0, v.c0 + width,
                             k1 - k0, zs, kTile);
           else  // the constant pred of every step
             std::memcpy(zs, x + p * g.co + c0, width * sizeof(T));
