@@ -24,6 +24,10 @@ Its ReLU twin (`python -m bitnet_jax.baseline --config configs/fashion_mnist.py`
 config and epochs, with ReLU and softmax cross-entropy; 2026-12-02, one seed) reached 92.84 %
 (88.91, 90.78, 91.29, 92.35, 92.73, 92.84 % per epoch) in 8.0 CPU minutes: this BITnet trails
 it by 2.84 points (docs/fashion_mnist_twin/).
+The gap study (docs/gap_study.md; 12,000 images x 2 epochs, the twin beside every run) tried
+seven variants of this recipe: three clip gradients outside [0, 1], a data-driven init, hybrid
+training, batch 128 and a T = 4 -> 8 curriculum. None beat it (the curriculum matched it for 16 %
+less CPU); there it trails the twin by 2.0 points (2 seeds against 3).
 The issue's target, >= 93.0 % within 90 min on this CPU, is NOT met. GPU scouting (study,
 table 4) found no setting that gets there in the budget: 10 epochs reached 91.1 % after 9 but
 would take ~115 min here; fs = 0.5 is ~3x slower per image and no better per epoch.
