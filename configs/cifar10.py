@@ -6,6 +6,10 @@
 Expected top-1: 94.37 % (the seed's evaluation of the release's weights, T=50). The release does
 not ship its training recipe; this config's recipe (AdamW, cosine, crop_flip) has not been run
 to completion at this size yet.
+Its ReLU twin (the seed's Baseline; 93.13 % in the seed) trains with
+  python -m bitnet_jax.baseline --config configs/cifar10.py
+Neither has been run at this size here (no GPU). On Fashion-MNIST this recipe trails its twin by
+2.0 points at a fixed budget and none of seven variants did better (docs/gap_study.md).
 Sized for one modern GPU/TPU (25.7 M parameters). There, --config.compute_dtype=bfloat16 trains
 1.8x faster than float32 on an H200 (README, GPU table) but its spikes drift from float32's;
 bfloat16x3 keeps float32's spikes (README, "bfloat16"). CIFAR-10 comes from TFDS (downloaded on first use) or from `cifar-10-batches-py/` in --config.data_dir.
