@@ -46,6 +46,9 @@ def validate_config(config: ml_collections.ConfigDict):
          f"{field} must be an int >= 1, got {config[field]!r}")
   engines.parse_remat(config.engine, config.remat, config.surrogate)
   need(config.chunk >= 0, f"chunk must be >= 0, got {config.chunk}")
+  eval_chunk = config.get("eval_chunk", 0)
+  need(isinstance(eval_chunk, int) and eval_chunk >= 0,
+       f"eval_chunk must be an int >= 0 (0 = all T at once), got {eval_chunk!r}")
   need(config.loss in losses.LOSSES, f"loss must be one of {losses.LOSSES}, got {config.loss!r}")
   need(config.optimizer in ("adamw", "sgd"),
        f"optimizer must be adamw or sgd, got {config.optimizer!r}")

@@ -22,6 +22,12 @@ from bitnet_jax import twin
 SCORES = ("count", "potential")
 
 
+def chunk_of(config) -> int:
+  """Time steps per chunk at evaluation: `config.eval_chunk`, or `engines.EVAL_CHUNK` for
+  configs written before the field."""
+  return config.get("eval_chunk", engines.EVAL_CHUNK)
+
+
 def make_eval_step(module, *, time_steps: int, mean, std, loss: str = "mse_rate",
                    logit_scale: float = 10.0, engine: str = "parallel",
                    chunk: int = engines.EVAL_CHUNK,
@@ -150,7 +156,7 @@ def run_evaluation(config, *, workdir: str | None = None, which: str = "best",
   eval_step = make_eval_step(module, time_steps=time_steps, mean=info.mean, std=info.std,
                              loss=config.loss, logit_scale=config.logit_scale,
                              engine=config.engine,
-                             chunk=config.get("eval_chunk", engines.EVAL_CHUNK),  # older configs
+                             chunk=chunk_of(config),
                              sweep=sweep, score=score,
                              neuron=neuron)
   sums = evaluate(eval_step, params, input_pipeline.create_eval_iter(config, info), mesh)

@@ -325,8 +325,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_step = make_train_step(module, config, tx, info, mesh)
   eval_step = evaluate_lib.make_eval_step(
       module, time_steps=config.eval_time_steps, mean=info.mean, std=info.std, loss=config.loss,
-      logit_scale=config.logit_scale, engine=config.engine, chunk=config.chunk,
-      neuron=twin.neuron_of(config))
+      logit_scale=config.logit_scale, engine=config.engine,
+      chunk=evaluate_lib.chunk_of(config), neuron=twin.neuron_of(config))
   eval_label = "ReLU twin" if twin.neuron_of(config) == "relu" else f"T={config.eval_time_steps}"
   writer = MetricWriter(workdir)
   preempt = _Preemption()

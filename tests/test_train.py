@@ -177,6 +177,7 @@ def test_unknown_config_field_is_rejected(tmp_path):
     (dict(surrogate="relu"), "unknown surrogate"),
     (dict(compute_dtype="float16"), "compute_dtype must be one of"),
     (dict(remat="stream", surrogate="atan"), "remat='stream' needs the 'ste' surrogate"),
+    (dict(eval_chunk=-1), "eval_chunk must be an int >= 0"),
 ])
 def test_bad_configs_rejected_before_compile(overrides, match, tmp_path):
   with pytest.raises(ValueError, match=match):
