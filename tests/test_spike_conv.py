@@ -68,17 +68,23 @@ def test_conv_gradient_is_the_dense_one():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
 
 
+def _layer_inputs(rng):
+  """float64 (call under enable_x64) inputs of a layer over T = 19 steps (three blocks of the
+  kernel's step loop): spikes (19, 2, 6, 8, 5), kernel, bias, state and a constant pred."""
+  return (jnp.asarray(_spikes(rng, (19, 2, 6, 8, 5), 0.3), jnp.float64),
+          jnp.asarray(rng.standard_normal((3, 3, 5, 21)) * 0.5),
+          jnp.asarray(rng.standard_normal(21) * 0.2),
+          jnp.asarray(rng.random((2, 6, 8, 21))),
+          jnp.asarray(rng.standard_normal((2, 6, 8, 21))))
+
+
 @pytest.mark.parametrize("pool", [False, True])
 def test_layer_and_neuron_match_dense_over_many_steps(pool):
   """`layer` / `neuron` over T = 19 steps (three blocks of the kernel's step loop), float64:
   spikes and counts equal, membranes equal up to rounding, as the jnp computation gives."""
   rng = np.random.default_rng(2)
   with jax.enable_x64(True):
-    x = jnp.asarray(_spikes(rng, (19, 2, 6, 8, 5), 0.3), jnp.float64)
-    kernel = jnp.asarray(rng.standard_normal((3, 3, 5, 21)) * 0.5)
-    bias = jnp.asarray(rng.standard_normal(21) * 0.2)
-    state = jnp.asarray(rng.random((2, 6, 8, 21)))
-    pred = jnp.asarray(rng.standard_normal((2, 6, 8, 21)))
+    x, kernel, bias, state, pred = _layer_inputs(rng)
     for got, want in [
         (spike_conv.layer(x, kernel, bias, state, pool, "ste"),
          _layer_dense(x, kernel, bias, state, pool, "ste")),
@@ -121,11 +127,7 @@ def test_layer_and_neuron_mask_steps_past_valid(pool):
   membranes as they are; the dense reference (whose autodiff is the backward) agrees, float64."""
   rng = np.random.default_rng(3)
   with jax.enable_x64(True):
-    x = jnp.asarray(_spikes(rng, (19, 2, 6, 8, 5), 0.3), jnp.float64)
-    kernel = jnp.asarray(rng.standard_normal((3, 3, 5, 21)) * 0.5)
-    bias = jnp.asarray(rng.standard_normal(21) * 0.2)
-    state = jnp.asarray(rng.random((2, 6, 8, 21)))
-    pred = jnp.asarray(rng.standard_normal((2, 6, 8, 21)))
+    x, kernel, bias, state, pred = _layer_inputs(rng)
     layer = jax.jit(lambda v: spike_conv.layer(x, kernel, bias, state, pool, "ste", v))
     neuron = jax.jit(lambda v: spike_conv.neuron(pred, state, 19, pool, "ste", v))
     for valid in (0, 1, 8, 11, 19):

@@ -70,10 +70,9 @@ RUNS = {
 }
 
 
-def _patch_inward():
-  """ste whose clip passes gradient outside [0, 1] only when it pulls pred back into the window:
-  above the window (pred > 1, firing at every step) if the gradient would lower pred, below it
-  (pred < 0, silent) if it would raise pred. Inside the window: the plain ste."""
+def _patch_clip_gradient(passes):
+  """Replaces the `ste` neuron's backward: outside the clip window [0, 1] the gradient g passes
+  where `passes(side, g)` (side: +1 above the window, -1 below it); inside, it always passes."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from bitnet_jax import neuron  # pylint: disable=import-outside-toplevel
@@ -88,13 +87,12 @@ def _patch_inward():
 
     def fwd(state, pred):
       spike, new_state, _ = neuron._forward(state, pred)  # pylint: disable=protected-access
-      side = (pred > 1).astype(jnp.int8) - (pred < 0).astype(jnp.int8)  # +1 above, -1 below
+      side = (pred > 1).astype(jnp.int8) - (pred < 0).astype(jnp.int8)
       return (spike, new_state), (side,)
 
     def bwd(residual, cotangents):
       (side,), (g, _) = residual, cotangents
-      inward = (side == 0) | ((side > 0) & (g > 0)) | ((side < 0) & (g < 0))
-      return g, jnp.where(inward, g, 0).astype(g.dtype)
+      return g, jnp.where((side == 0) | passes(side, g), g, 0).astype(g.dtype)
 
     fire.defvjp(fwd, bwd)
     return fire
@@ -102,41 +100,16 @@ def _patch_inward():
   neuron._bddi_fn = build  # pylint: disable=protected-access
 
 
-def _patch_upper(inward_only: bool):
-  """ste whose clip gradient is ReLU's, 1[pred >= 0]: units above the window (firing at every
-  step) keep their gradient, silent ones (pred < 0) do not. With `inward_only`, above the window
-  only gradients that lower pred pass."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from bitnet_jax import neuron  # pylint: disable=import-outside-toplevel
-
-  def build(surrogate):
-    assert surrogate.name == "ste" and not surrogate.leak, surrogate
-
-    @jax.custom_vjp
-    def fire(state, pred):
-      spike, new_state, _ = neuron._forward(state, pred)  # pylint: disable=protected-access
-      return spike, new_state
-
-    def fwd(state, pred):
-      spike, new_state, _ = neuron._forward(state, pred)  # pylint: disable=protected-access
-      side = (pred > 1).astype(jnp.int8) - (pred < 0).astype(jnp.int8)  # +1 above, -1 below
-      return (spike, new_state), (side,)
-
-    def bwd(residual, cotangents):
-      (side,), (g, _) = residual, cotangents
-      passes = (side == 0) | ((side > 0) & ((g > 0) if inward_only else True))
-      return g, jnp.where(passes, g, 0).astype(g.dtype)
-
-    fire.defvjp(fwd, bwd)
-    return fire
-
-  neuron._bddi_fn = build  # pylint: disable=protected-access
-
-
-PATCHES = {"inward": _patch_inward, "upper": lambda: _patch_upper(False),
-           "upper_inward": lambda: _patch_upper(True)}
-
+# Outside the window, the gradient g passes (gradient descent moves pred by -g):
+PATCHES = {
+    # inward: only where it pulls pred back inside (above: g > 0 lowers it; below: g < 0).
+    "inward": lambda: _patch_clip_gradient(lambda side, g: ((side > 0) & (g > 0))
+                                           | ((side < 0) & (g < 0))),
+    # upper: ReLU's rule, 1[pred >= 0]: above the window always, below never.
+    "upper": lambda: _patch_clip_gradient(lambda side, g: side > 0),
+    # upper_inward: above the window, only gradients that lower pred.
+    "upper_inward": lambda: _patch_clip_gradient(lambda side, g: (side > 0) & (g > 0)),
+}
 
 PRE = {
     "balinit": {"neuron": "relu", "max_train_steps": 1, "learning_rate": 1e-9},
