@@ -155,10 +155,8 @@ def run_evaluation(config, *, workdir: str | None = None, which: str = "best",
   neuron = twin.neuron_of(config)
   eval_step = make_eval_step(module, time_steps=time_steps, mean=info.mean, std=info.std,
                              loss=config.loss, logit_scale=config.logit_scale,
-                             engine=config.engine,
-                             chunk=chunk_of(config),
-                             sweep=sweep, score=score,
-                             neuron=neuron)
+                             engine=config.engine, chunk=chunk_of(config), sweep=sweep,
+                             score=score, neuron=neuron)
   sums = evaluate(eval_step, params, input_pipeline.create_eval_iter(config, info), mesh)
   result = summarize(sums, module, 1 if neuron == "relu" else time_steps, sweep)
   result.update(checkpoint=source, dataset=info.name, score=score)
