@@ -92,7 +92,8 @@ def _register() -> str | None:
   import ctypes  # pylint: disable=import-outside-toplevel
   handle = ctypes.cdll.LoadLibrary(str(lib))
   for op, symbol in (("conv", "BitnetSpikeConv"), ("layer", "BitnetSpikeLayer"),
-                     ("neuron", "BitnetSpikeNeuron")):
+                     ("neuron", "BitnetSpikeNeuron"), ("sparse_conv", "BitnetSparseConv"),
+                     ("kernel_grad", "BitnetSpikeKernelGrad")):
     for suffix in ("f32", "f64"):
       jax.ffi.register_ffi_target(f"bitnet_spike_{op}_{suffix}",
                                   jax.ffi.pycapsule(getattr(handle, symbol + suffix.upper())),
@@ -133,9 +134,14 @@ def _dense(x, kernel):
 
 # Per op: the einsum-like Shardy rule (n = the batch, the only factor that may stay sharded; an
 # empty operand is the int32 scalar `valid`), the batch dimension of each operand and of each
-# result (None: replicated).
+# result (None: replicated). The convolutions take a leading axis of time steps (t), so that
+# the batch of a (T, N, ...) input stays a dimension of its own, which a device can own; the
+# kernel sees the T * N images. `kernel_grad` sums over the batch: each device's call gives the
+# sum over its images, and the partitioned op adds them up (psum) into the replicated result.
 _RULES = {
-    "conv": ("n h w i, a b i o -> n h w o", (0, None), (0,)),
+    "conv": ("t n h w i, a b i o -> t n h w o", (1, None), (1,)),
+    "sparse_conv": ("t n h w i, a b i o -> t n h w o", (1, None), (1,)),
+    "kernel_grad": ("t n h w i, t n h w o -> a b i o", (1, 1), (None,)),
     "layer": ("t n h w i, a b i o, o, n h w o, -> t n p q o, n h w o, n",
               (1, None, None, 0, None), (1, 0, 0)),
     "neuron": ("n h w c, n h w c, -> t n p q c, n h w c, n", (0, 0, None), (1, 0, 0)),
@@ -147,10 +153,16 @@ def _ffi(op: str, dtype: np.dtype, pool: bool | None, steps: int | None):
   name = f"bitnet_spike_{op}_{_SUFFIX[dtype]}"
 
   def call(*args):
-    if op == "conv":
-      x, kernel = args
-      out = jax.ShapeDtypeStruct(x.shape[:3] + kernel.shape[3:], x.dtype)
-      return jax.ffi.ffi_call(name, out, vmap_method="sequential")(x, kernel)
+    if op in ("conv", "sparse_conv"):
+      x, kernel = args                                                   # (T, N, H, W, Ci)
+      flat = x.reshape((-1,) + x.shape[2:])                              # (T * N, H, W, Ci)
+      out = jax.ShapeDtypeStruct(flat.shape[:3] + kernel.shape[3:], x.dtype)
+      out = jax.ffi.ffi_call(name, out, vmap_method="sequential")(flat, kernel)
+      return out.reshape(x.shape[:4] + kernel.shape[3:])                # (T, N, H, W, Co)
+    if op == "kernel_grad":
+      x, g = (a.reshape((-1,) + a.shape[2:]) for a in args)             # (T * N, H, W, C)
+      out = jax.ShapeDtypeStruct((3, 3, x.shape[3], g.shape[3]), g.dtype)
+      return jax.ffi.ffi_call(name, out, vmap_method="sequential")(x, g)
     if op == "layer":
       x, state = args[0], args[3]
       return tuple(jax.ffi.ffi_call(name, _outputs(x.shape[0], state, pool),
@@ -201,6 +213,7 @@ def _batch_partitioned(op: str, dtype: np.dtype, pool: bool | None = None,
   rule, in_dims, out_dims = _RULES[op]
   call = _ffi(op, dtype, pool, steps)
   partitioned = custom_partitioning(call)
+  single = op in ("conv", "sparse_conv", "kernel_grad")  # ops with one result
 
   def batch_axes(arg_shapes):
     return _batch_spec(arg_shapes[0].sharding, in_dims[0])
@@ -210,13 +223,15 @@ def _batch_partitioned(op: str, dtype: np.dtype, pool: bool | None = None,
 
   def infer(mesh, arg_shapes, result_shape):
     out = _shardings(mesh, batch_axes(arg_shapes), results(result_shape), out_dims)
-    return out if op != "conv" else out[0]
+    return out[0] if single else out
 
   def partition(mesh, arg_shapes, result_shape):
     axes = batch_axes(arg_shapes)
     out = _shardings(mesh, axes, results(result_shape), out_dims)
-    return (mesh, call, out if op != "conv" else out[0],
-            _shardings(mesh, axes, arg_shapes, in_dims))
+    lower = call
+    if op == "kernel_grad" and axes is not None:
+      lower = lambda *args: jax.lax.psum(call(*args), axes)  # the devices' sums, added
+    return (mesh, lower, out[0] if single else out, _shardings(mesh, axes, arg_shapes, in_dims))
 
   # Every factor but the batch, in order of first appearance (Shardy wants them sorted so).
   factors = tuple(dict.fromkeys(rule.replace(",", " ").replace("->", " ").split()))
@@ -239,26 +254,38 @@ def _batch_partitioned(op: str, dtype: np.dtype, pool: bool | None = None,
   return op_fn
 
 
+def _over_steps(op: str, x: jax.Array, other: jax.Array) -> jax.Array:
+  """The partitioned `op` of x, (N, ...) or (T, N, ...), and `other` (the kernel; for
+  `kernel_grad` the cotangent, shaped like x); its result for x's shape."""
+  steps = x.ndim == 5
+  if not steps:  # one step
+    x, other = x[None], other[None] if op == "kernel_grad" else other
+  out = _batch_partitioned(op, np.dtype(other.dtype))(x, other)
+  return out if steps or op == "kernel_grad" else out[0]
+
+
 @jax.custom_vjp
 def conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """3x3 'SAME' convolution (no bias) of 0/1 spikes, skipping the zeros.
 
   Args:
-    x: (N, H, W, Ci) spikes, values 0 or 1, float32 or float64.
+    x: (N, H, W, Ci) spikes, values 0 or 1, float32 or float64; or (T, N, H, W, Ci), T steps
+      of them (the same as (T * N, H, W, Ci), but a device of a batch-sharded jit gets its own
+      images of every step).
     kernel: (3, 3, Ci, Co) HWIO kernel of x's dtype.
 
   Returns:
-    (N, H, W, Co) in x's dtype.
+    (N, H, W, Co) (or (T, N, H, W, Co)) in x's dtype.
   """
   _check("conv", x, kernel)
-  return _batch_partitioned("conv", np.dtype(x.dtype))(x, kernel)
+  return _over_steps("conv", x, kernel)
 
 
 def _check(op, x, kernel, *more):
   """Raises ValueError unless x, kernel (and `more`) are a valid float32/float64 input."""
-  if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[3]:
-    raise ValueError(f"spike_conv.{op}: expected (N, H, W, Ci) spikes and a (3, 3, Ci, Co) "
-                     f"kernel, got {x.shape} and {kernel.shape}")
+  if x.ndim not in (4, 5) or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
+    raise ValueError(f"spike_conv.{op}: expected (N, H, W, Ci) (or (T, N, H, W, Ci)) spikes and "
+                     f"a (3, 3, Ci, Co) kernel, got {x.shape} and {kernel.shape}")
   dtypes = {jnp.dtype(a.dtype) for a in (x, kernel, *more)}
   if len(dtypes) != 1 or dtypes.pop() not in _SUFFIX:
     raise ValueError(f"spike_conv.{op}: all inputs must be float32, or all float64, got "
@@ -271,12 +298,63 @@ def _conv_fwd(x, kernel):
 
 
 def _conv_bwd(residual, g):
+  """The dense convolution's gradients (up to summation order), skipping zeros: the input
+  gradient through `input_grad` (g is mostly zeros under the ste window and the max pool's
+  routing), the kernel gradient through `kernel_grad` (the inputs are mostly zeros)."""
   x, kernel = residual
-  _, vjp = jax.vjp(_dense, x.astype(kernel.dtype), kernel)
-  return vjp(g)
+  g = g.astype(kernel.dtype)
+  return input_grad(g, kernel), kernel_grad(x, g)
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def input_grad(g: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The input gradient of a 3x3 'SAME' convolution, adding only the rows of g's nonzeros.
+
+  It is the convolution of g with the kernel flipped in space, its channel axes swapped,
+  computed by the kernel of `conv` on real values: per output position, the rows of the nonzero
+  entries of g around it, each times its value.
+
+  Args:
+    g: (N, H, W, Co) (or (T, N, H, W, Co), as in `conv`) cotangent of the convolution's
+      output, float32 or float64.
+    kernel: (3, 3, Ci, Co) HWIO kernel of g's dtype.
+
+  Returns:
+    (N, H, W, Ci) (or (T, N, H, W, Ci)): what autodiff of the dense convolution gives, up to
+    summation order.
+  """
+  flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)  # (3, 3, Co, Ci)
+  _check("input_grad", g, flipped)
+  return _over_steps("sparse_conv", g, flipped)
+
+
+def kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+  """The kernel gradient of the 3x3 'SAME' convolution of 0/1 spikes x, visiting active inputs.
+
+  dK[dy, dx, c, :] = the sum of g[n, y, x, :] over the positions where x[n, y + dy - 1,
+  x + dx - 1, c] is 1; rows of g that are zero are skipped too.
+
+  Args:
+    x: (N, H, W, Ci) (or (T, N, H, W, Ci), as in `conv`) spikes, bool (or 0/1 values of any
+      dtype, made bool here).
+    g: (N, H, W, Co) (or (T, N, H, W, Co)) cotangent of the convolution's output, float32 or
+      float64.
+
+  Returns:
+    (3, 3, Ci, Co) in g's dtype: what autodiff of the dense convolution gives, up to summation
+    order. Under a batch-sharded jit, each device sums its own images and the sums are added.
+  """
+  if x.ndim not in (4, 5) or g.ndim != x.ndim or x.shape[:-1] != g.shape[:-1]:
+    raise ValueError(f"spike_conv.kernel_grad: expected (N, H, W, Ci) (or (T, N, H, W, Ci)) "
+                     f"spikes and a cotangent of the same shape but its channels, got {x.shape} "
+                     f"and {g.shape}")
+  if np.dtype(g.dtype) not in _SUFFIX:
+    raise ValueError(f"spike_conv.kernel_grad: the cotangent must be float32 or float64, got "
+                     f"{g.dtype}")
+  check_available()
+  return _over_steps("kernel_grad", x.astype(jnp.bool_), g)
 
 
 def _layer_over_time(state, pool, surrogate, valid, **preds):
@@ -285,10 +363,18 @@ def _layer_over_time(state, pool, surrogate, valid, **preds):
                                        valid=valid, **preds)
 
 
-def _layer_dense(x, kernel, bias, state, pool, surrogate, valid=None):
-  """What `layer` computes, with the dense convolution (its backward differentiates this)."""
-  pred = _dense(x.reshape((-1,) + x.shape[2:]), kernel) + bias
-  pred = pred.reshape(x.shape[:2] + pred.shape[1:])  # (T, N, H, W, Co)
+def _dense_steps(x, kernel):
+  """`_dense` of (T, N, H, W, Ci) spikes: (T, N, H, W, Co)."""
+  out = _dense(x.reshape((-1,) + x.shape[2:]), kernel)
+  return out.reshape(x.shape[:2] + out.shape[1:])
+
+
+def _layer_dense(x, kernel, bias, state, pool, surrogate, valid=None, synapse=_dense_steps):
+  """What `layer` computes, with the dense convolution. `synapse` (of (T, N, ...) spikes)
+  chooses the convolution: `layer`'s backward differentiates this with `conv`, whose sums are
+  those of `layer`'s kernel (so the recomputed spikes are the forward's) and whose gradients
+  skip zeros."""
+  pred = synapse(x, kernel) + bias  # (T, N, H, W, Co)
   return _layer_over_time(state, pool, surrogate, valid, preds=pred)
 
 
@@ -365,7 +451,7 @@ def _layer_fwd(x, kernel, bias, state, valid, pool, surrogate):
 
 def _layer_bwd(pool, surrogate, residual, g):
   x, kernel, bias, state, valid = residual
-  f = lambda *args: _layer_dense(*args, pool, surrogate, valid)
+  f = lambda *args: _layer_dense(*args, pool, surrogate, valid, synapse=conv)
   _, vjp = jax.vjp(f, x.astype(kernel.dtype), kernel, bias, state)
   return vjp(g) + (None,)  # valid: an integer, no cotangent
 

@@ -137,7 +137,7 @@ def _spike_synapse_bwd(module, name, residual, g):
   synapse = lambda p, x: module.apply({"params": {name: p}}, name, x, method=module.synapse)
   _, vjp = jax.vjp(synapse, layer_params, x)
   g_params, g_x = vjp(g)
-  if name != "mlp1":
+  if name != "mlp1" and not module.sparse:  # sparse: `spike_conv.conv`'s own zero-skipping vjp
     g_x = _conv_input_grad(g, layer_params["kernel"], module.dtype,
                            module.lax_precision).astype(g_x.dtype)
     native = lambda x, g: g_params["kernel"]
@@ -260,7 +260,11 @@ def layer_runs(module: models.BITnet6, params) -> tuple:
   check_surrogate(module.surrogate)
 
   def run(spec, x, state, n, valid=None):
-    if spec.name != "begin":
+    if spec.name != "begin" and module.sparse and spec.name != "mlp1":
+      # spike_conv.conv takes the (n, B, ...) steps as they are: a device of a batch-sharded
+      # jit then gets its own images of every step.
+      x = _spike_synapse(module, spec.name, params[spec.name], x)        # (n, B, H, W, C)
+    elif spec.name != "begin":
       flat = x.reshape((-1,) + x.shape[2:])                              # (n*B, H, W, C)
       x = _spike_synapse(module, spec.name, params[spec.name], flat)     # one conv for n steps
       x = x.reshape((n, -1) + x.shape[1:])                               # (n, B, ...)

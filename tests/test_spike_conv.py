@@ -68,6 +68,38 @@ def test_conv_gradient_is_the_dense_one():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
 
 
+# (N, H, W, Ci, Co): output tiles of 4 vectors, of 1 vector and a scalar tail, of 128 + 16 + 5
+# channels, narrowed tiles (9 * 256 * 128 floats > the L2 budget), Ci = 1, a row of 1.
+@pytest.mark.parametrize("shape", [(3, 8, 8, 16, 64), (2, 5, 7, 3, 20), (2, 4, 4, 1, 149),
+                                   (2, 4, 4, 256, 512), (1, 1, 9, 8, 8)])
+@pytest.mark.parametrize("density", [0.0, 0.15, 1.0])
+def test_gradient_kernels_match_dense_autodiff(shape, density):
+  """`input_grad` and `kernel_grad` (conv's vjp) against autodiff of the dense convolution, on a
+  cotangent that is mostly zeros (as the ste window and max pool make it): float32 within
+  summation-order rounding, float64 to 1e-12; a (T, N, ...) input equals its (T * N, ...)."""
+  n, h, w, ci, co = shape
+  rng = np.random.default_rng(2)
+  x = _spikes(rng, (n, h, w, ci), density)
+  kernel = rng.standard_normal((3, 3, ci, co)).astype(np.float32)
+  g = (rng.standard_normal((n, h, w, co)) * (rng.random((n, h, w, co)) < 0.2)).astype(np.float32)
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.float64, 1e-12)):
+    with jax.enable_x64(dtype == jnp.float64):
+      xd, kd, gd = (jnp.asarray(a, dtype) for a in (x, kernel, g))
+      want_x, want_k = jax.vjp(_dense, xd, kd)[1](gd)
+      got_x, got_k = spike_conv.input_grad(gd, kd), spike_conv.kernel_grad(x.astype(bool), gd)
+      assert got_x.dtype == got_k.dtype == dtype
+      np.testing.assert_allclose(got_x, want_x, rtol=0, atol=tol * (1 + float(jnp.abs(want_x).max())))
+      np.testing.assert_allclose(got_k, want_k, rtol=0, atol=tol * (1 + float(jnp.abs(want_k).max())))
+  if n % 2 == 0:  # the same arrays as 2 steps of n / 2 images
+    steps = lambda a: a.reshape((2, n // 2) + a.shape[1:])
+    np.testing.assert_array_equal(spike_conv.input_grad(steps(g), kernel),
+                                  steps(spike_conv.input_grad(g, kernel)))
+    np.testing.assert_array_equal(spike_conv.kernel_grad(steps(x), steps(g)),
+                                  spike_conv.kernel_grad(x, g))
+    np.testing.assert_array_equal(spike_conv.conv(steps(x), kernel),
+                                  steps(spike_conv.conv(x, kernel)))
+
+
 def _layer_inputs(rng):
   """float64 (call under enable_x64) inputs of a layer over T = 19 steps (three blocks of the
   kernel's step loop): spikes (19, 2, 6, 8, 5), kernel, bias, state and a constant pred."""
@@ -176,8 +208,14 @@ def test_masked_layer_gradient_is_the_dense_one():
 
 def test_conv_rejects_bad_input():
   x = np.zeros((1, 4, 4, 8), np.float32)
-  with pytest.raises(ValueError, match=r"expected \(N, H, W, Ci\) spikes and a \(3, 3, Ci, Co\)"):
+  with pytest.raises(ValueError, match=r"expected \(N, H, W, Ci\) \(or \(T, N, H, W, Ci\)\) "
+                                       r"spikes and a \(3, 3, Ci, Co\) kernel"):
     spike_conv.conv(x, np.zeros((3, 3, 4, 8), np.float32))
+  with pytest.raises(ValueError, match=r"kernel_grad: expected .* got \(1, 4, 4, 8\) and "
+                                       r"\(1, 4, 5, 8\)"):
+    spike_conv.kernel_grad(x, np.zeros((1, 4, 5, 8), np.float32))
+  with pytest.raises(ValueError, match="cotangent must be float32 or float64, got bfloat16"):
+    spike_conv.kernel_grad(x, jnp.zeros((1, 4, 4, 8), jnp.bfloat16))
   with pytest.raises(ValueError, match="all inputs must be float32, or all float64, got float32, "
                                        "bfloat16"):
     spike_conv.conv(x, jnp.zeros((3, 3, 8, 8), jnp.bfloat16))
@@ -261,6 +299,22 @@ def test_sparse_float32_agrees_with_dense(tiny_model, images, engine, remat):
   for g, ref in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(g_base)):
     assert float(jnp.abs(g).max()) > 0
     np.testing.assert_allclose(g, ref, rtol=0, atol=3e-4 * float(jnp.abs(ref).max()))
+
+
+@pytest.mark.parametrize("engine,remat", [("scan", "step"), ("parallel", "none"),
+                                          ("parallel", "stream")])
+def test_sparse_gradients_equal_dense_float64(engine, remat):
+  """float64: the sparse synapses' backward (zero-skipping input and kernel gradients) gives the
+  dense engine's gradients of the whole model to 1e-10 of their scale."""
+  with jax.enable_x64(True):
+    model = bitnet_jax.create_model(fs=0.125, num_classes=10, dtype=jnp.float64, seed=1)
+    params = firing_params(model.params, gain=2.5)
+    images = jnp.asarray(np.random.default_rng(1).normal(size=(3, 32, 32, 3)))
+    _, want = _loss_and_grad(model.module, params, images, engine, remat)
+    _, got = _loss_and_grad(model.module.clone(sparse=True), params, images, engine, remat)
+    for g, ref in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+      assert float(jnp.abs(ref).max()) > 0
+      np.testing.assert_allclose(g, ref, rtol=0, atol=1e-10 * float(jnp.abs(ref).max()))
 
 
 def test_training_with_sparse_synapses(tmp_path):

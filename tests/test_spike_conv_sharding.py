@@ -1,6 +1,6 @@
 """Sparse synapses under data parallelism: with the batch sharded over 4 CPU devices, each
-device's `spike_conv` kernel call sees only its share of the batch, and the spike counts are
-those of one device.
+device's `spike_conv` kernel call sees only its share of the batch (of every time step), and the
+spike counts and gradients are those of one device.
 
 The device count of this test process is fixed when JAX starts, so the 4-device run is a
 subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4.
@@ -72,6 +72,16 @@ result["conv"] = {
                                                            kernel))),
     "calls": calls(conv.lower(jax.device_put(spikes, sharded), kernel).compile())}
 
+g = np.random.default_rng(3).normal(size=(B, 8, 8, 24)).astype(np.float32)
+kernel_grad, input_grad = jax.jit(spike_conv.kernel_grad), jax.jit(spike_conv.input_grad)
+split_args = jax.device_put(spikes, sharded), jax.device_put(g, sharded)
+result["grads"] = {
+    "kernel_grad": [kernel_grad(spikes, g).tolist(), kernel_grad(*split_args).tolist()],
+    "input_grad_equal": bool(np.array_equal(input_grad(g, kernel),
+                                            input_grad(split_args[1], kernel))),
+    "calls": (calls(kernel_grad.lower(*split_args).compile()) +
+              calls(input_grad.lower(split_args[1], kernel).compile()))}
+
 config = default.get_config()
 config.update(fs=0.25, time_steps=T, batch_size=B, synapses="sparse")
 info = datasets.DatasetInfo(name="x", num_classes=10, image_shape=(32, 32, 3), num_train=100,
@@ -95,9 +105,12 @@ def four_devices():
 
 
 def _assert_per_device_batch(calls, ops):
+  """Each call's shapes hold the device's 5 images (15 = 3 steps x 5 where a convolution runs
+  over the steps of a (T, N, ...) input), never the batch's 20 (60)."""
   assert {op for op, _ in calls} == set(ops), calls
   for op, dims in calls:
-    assert 5 in dims and 20 not in dims, f"{op} call sees the whole batch: {dims}"
+    assert (5 in dims or 15 in dims) and not {20, 60} & set(dims), \
+        f"{op} call sees the whole batch: {dims}"
 
 
 @pytest.mark.parametrize("engine", ["parallel", "scan"])
@@ -115,10 +128,23 @@ def test_sharded_conv_equals_one_device(four_devices):
   _assert_per_device_batch(r["calls"], ["conv"])
 
 
+def test_sharded_gradient_kernels_equal_one_device(four_devices):
+  """`kernel_grad` sums each device's images, then adds the devices' sums (another order than
+  one device's: equal up to float32 rounding); `input_grad` is per image (bitwise equal)."""
+  r = four_devices["grads"]
+  one, split = (np.asarray(a) for a in r["kernel_grad"])
+  assert np.abs(one).max() > 0
+  np.testing.assert_allclose(split, one, rtol=1e-5, atol=1e-5 * np.abs(one).max())
+  assert r["input_grad_equal"]
+  _assert_per_device_batch(r["calls"], ["kernel_grad", "sparse_conv"])
+
+
 def test_train_step_kernels_see_the_device_batch(four_devices):
-  """The real train step (`synapses=sparse`, global batch 20 on 4 devices): every forward
-  kernel call is on 5 images; the dense backward is partitioned by XLA as usual."""
-  _assert_per_device_batch(four_devices["train_step"]["calls"], ["neuron", "layer"])
+  """The real train step (`synapses=sparse`, global batch 20 on 4 devices): every kernel call,
+  forward and backward (the recomputed synapse, its input and kernel gradients), is on the
+  device's images."""
+  _assert_per_device_batch(four_devices["train_step"]["calls"],
+                           ["neuron", "layer", "conv", "sparse_conv", "kernel_grad"])
 
 
 def test_vmap_calls_the_kernel_per_element():

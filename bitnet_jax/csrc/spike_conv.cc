@@ -22,6 +22,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -66,11 +67,21 @@ struct Geometry {
   int64_t n, h, w, ci, co;
 };
 
-// Calls row_fn(row) for the kernel row w[tap, c, :] of every active input c around output
-// position (b, y, x): taps in row-major order, channels ascending.
-template <typename T, typename F>
-inline void ForActiveRows(const Geometry& g, const T* kernel, const uint16_t* lists,
-                          const uint16_t* counts, int64_t b, int64_t y, int64_t x, F row_fn) {
+// The active channels of every input position q: index[q * ci, q * ci + count[q]) in ascending
+// order and, for a valued input (kValued), their values at the same places in `value` (null for
+// spikes, whose active value is 1).
+template <typename T>
+struct Active {
+  const uint16_t* index;
+  const uint16_t* count;
+  const T* value;
+};
+
+// Calls row_fn(row, v) for the kernel row w[tap, c, :] of every active input c around output
+// position (b, y, x), v its value (1 for spikes): taps in row-major order, channels ascending.
+template <bool kValued, typename T, typename F>
+inline void ForActiveRows(const Geometry& g, const T* kernel, const Active<T>& a, int64_t b,
+                          int64_t y, int64_t x, F row_fn) {
   for (int64_t dy = 0; dy < 3; ++dy) {
     int64_t yy = y + dy - 1;
     if (yy < 0 || yy >= g.h) continue;
@@ -78,50 +89,70 @@ inline void ForActiveRows(const Geometry& g, const T* kernel, const uint16_t* li
       int64_t xx = x + dx - 1;
       if (xx < 0 || xx >= g.w) continue;
       int64_t q = (b * g.h + yy) * g.w + xx;
-      const uint16_t* list = lists + q * g.ci;
+      const uint16_t* list = a.index + q * g.ci;
       const T* tap = kernel + (dy * 3 + dx) * g.ci * g.co;
-      for (int64_t j = 0, m = counts[q]; j < m; ++j) row_fn(tap + list[j] * g.co);
+      for (int64_t j = 0, m = a.count[q]; j < m; ++j) {
+        if constexpr (kValued) row_fn(tap + list[j] * g.co, a.value[q * g.ci + j]);
+        else row_fn(tap + list[j] * g.co, T(1));
+      }
     }
   }
 }
 
 // Output columns [c0, c0 + K vectors) of position (b, y, x), written to out[0, K vectors), with
 // K accumulators in registers.
-template <typename T, int K>
-void AccumulateTile(const Geometry& g, const T* kernel, const uint16_t* lists,
-                    const uint16_t* counts, int64_t b, int64_t y, int64_t x, int64_t c0, T* out) {
+// A valued input adds each row times its value (a spike's row is added as it is).
+template <bool kValued, typename T, int K>
+void AccumulateTile(const Geometry& g, const T* kernel, const Active<T>& a, int64_t b, int64_t y,
+                    int64_t x, int64_t c0, T* out) {
   using V = Vec<T>;
   typename V::type acc[K];
   for (int k = 0; k < K; ++k) acc[k] = typename V::type{};
-  ForActiveRows(g, kernel + c0, lists, counts, b, y, x, [&](const T* row) {
+  ForActiveRows<kValued>(g, kernel + c0, a, b, y, x, [&](const T* row, T v) {
+    if constexpr (kValued) {
+      const typename V::type scale = typename V::type{} + v;
 #pragma GCC unroll 8
-    for (int k = 0; k < K; ++k) acc[k] += V::Load(row + k * V::kLanes);
+      for (int k = 0; k < K; ++k) acc[k] += scale * V::Load(row + k * V::kLanes);
+    } else {
+#pragma GCC unroll 8
+      for (int k = 0; k < K; ++k) acc[k] += V::Load(row + k * V::kLanes);
+    }
   });
   for (int k = 0; k < K; ++k) V::Store(out + k * V::kLanes, acc[k]);
 }
 
 // Columns [c0, c1) that fill no whole vector, written to out[0, c1 - c0).
-template <typename T>
-void AccumulateScalar(const Geometry& g, const T* kernel, const uint16_t* lists,
-                      const uint16_t* counts, int64_t b, int64_t y, int64_t x, int64_t c0,
-                      int64_t c1, T* out) {
+template <bool kValued, typename T>
+void AccumulateScalar(const Geometry& g, const T* kernel, const Active<T>& a, int64_t b,
+                      int64_t y, int64_t x, int64_t c0, int64_t c1, T* out) {
   const int64_t n = c1 - c0;
   for (int64_t c = 0; c < n; ++c) out[c] = 0;
-  ForActiveRows(g, kernel + c0, lists, counts, b, y, x, [&](const T* row) {
-    for (int64_t c = 0; c < n; ++c) out[c] += row[c];
+  ForActiveRows<kValued>(g, kernel + c0, a, b, y, x, [&](const T* row, T v) {
+    for (int64_t c = 0; c < n; ++c) out[c] += kValued ? v * row[c] : row[c];
   });
 }
 
-// Writes the indices of the nonzero entries of in[0, n) to list, in order; returns how many.
-template <typename T>
-uint16_t ActiveChannels(const T* in, int64_t n, uint16_t* list) {
+// Writes the indices of the nonzero entries of in[0, n) to list, in order, and (if values is not
+// null) the entries themselves to values; returns how many. X is T, or bool (spikes kept as bool).
+template <typename X, typename T>
+uint16_t ActiveChannels(const X* in, int64_t n, uint16_t* list, T* values) {
   int64_t m = 0, c = 0;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI2__)
-  if constexpr (sizeof(T) == 4) {  // 16 channels at a time: compare, then compress the indices
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512VBMI2__)
+  constexpr bool kFloat = std::is_same_v<X, float>, kBool = std::is_same_v<X, bool>;
+  if constexpr (kFloat || kBool) {  // 16 channels at a time: compare, then compress the indices
     const __m256i step = _mm256_set1_epi16(16);
     __m256i index = _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (; c + 16 <= n; c += 16, index = _mm256_add_epi16(index, step)) {
-      __mmask16 nz = _mm512_cmp_ps_mask(_mm512_loadu_ps(in + c), _mm512_setzero_ps(), _CMP_NEQ_UQ);
+      __mmask16 nz;
+      if constexpr (kFloat) {
+        const __m512 v = _mm512_loadu_ps(in + c);
+        nz = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+        if (values != nullptr) _mm512_storeu_ps(values + m, _mm512_maskz_compress_ps(nz, v));
+      } else {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + c));
+        nz = _mm_test_epi8_mask(v, v);
+      }
       // Compress in a register, then store all 16 (m <= c: the extra ones stay inside the row
       // and are overwritten or past the count). Zen 4's compress-to-memory is microcoded.
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(list + m),
@@ -132,45 +163,47 @@ uint16_t ActiveChannels(const T* in, int64_t n, uint16_t* list) {
 #endif
   for (; c < n; ++c) {
     list[m] = static_cast<uint16_t>(c);
-    m += in[c] != T(0);
+    if (values != nullptr) values[m] = static_cast<T>(in[c]);
+    m += in[c] != X(0);
   }
   return static_cast<uint16_t>(m);
 }
 
-// Per input position, its active channels (lists: positions x ci, counts: positions), in scratch
-// reused between calls (one per calling thread), so that a call costs no page faults.
-template <typename T>
-void BuildLists(ffi::ThreadPool& pool, const Geometry& g, const T* x, const uint16_t** lists,
-                const uint16_t** counts) {
+// Per input position, its active channels (and, if kValued, their values), in scratch reused
+// between calls (one per calling thread), so that a call costs no page faults.
+template <bool kValued, typename T>
+Active<T> BuildLists(ffi::ThreadPool& pool, const Geometry& g, const T* x) {
   const int64_t positions = g.n * g.h * g.w;
   thread_local std::vector<uint16_t> list_buf, count_buf;
+  thread_local std::vector<T> value_buf;
   list_buf.resize(positions * g.ci);
   count_buf.resize(positions);
+  if (kValued) value_buf.resize(positions * g.ci);
   uint16_t* list_data = list_buf.data();
   uint16_t* count_data = count_buf.data();
+  T* value_data = kValued ? value_buf.data() : nullptr;
   const int64_t block = 64;
   ParallelFor(pool, (positions + block - 1) / block, [&](int64_t i) {
     for (int64_t p = i * block, end = std::min(positions, p + block); p < end; ++p)
-      count_data[p] = ActiveChannels(x + p * g.ci, g.ci, list_data + p * g.ci);
+      count_data[p] = ActiveChannels(x + p * g.ci, g.ci, list_data + p * g.ci,
+                                     kValued ? value_data + p * g.ci : nullptr);
   });
-  *lists = list_data;
-  *counts = count_data;
+  return {list_data, count_data, value_data};
 }
 
 // Columns [c0, c1) of output position (b, y, x), the synapse without its bias, to out[0, c1 - c0).
-template <typename T>
-inline void Accumulate(const Geometry& g, const T* kernel, const uint16_t* lists,
-                       const uint16_t* counts, int64_t b, int64_t y, int64_t x, int64_t c0,
-                       int64_t c1, T* out) {
+template <bool kValued, typename T>
+inline void Accumulate(const Geometry& g, const T* kernel, const Active<T>& a, int64_t b,
+                       int64_t y, int64_t x, int64_t c0, int64_t c1, T* out) {
   constexpr int64_t L = Vec<T>::kLanes;
   int64_t c = c0;
   for (; c + 8 * L <= c1; c += 8 * L)
-    AccumulateTile<T, 8>(g, kernel, lists, counts, b, y, x, c, out + (c - c0));
+    AccumulateTile<kValued, T, 8>(g, kernel, a, b, y, x, c, out + (c - c0));
   for (; c + 4 * L <= c1; c += 4 * L)
-    AccumulateTile<T, 4>(g, kernel, lists, counts, b, y, x, c, out + (c - c0));
+    AccumulateTile<kValued, T, 4>(g, kernel, a, b, y, x, c, out + (c - c0));
   for (; c + L <= c1; c += L)
-    AccumulateTile<T, 1>(g, kernel, lists, counts, b, y, x, c, out + (c - c0));
-  if (c < c1) AccumulateScalar<T>(g, kernel, lists, counts, b, y, x, c, c1, out + (c - c0));
+    AccumulateTile<kValued, T, 1>(g, kernel, a, b, y, x, c, out + (c - c0));
+  if (c < c1) AccumulateScalar<kValued, T>(g, kernel, a, b, y, x, c, c1, out + (c - c0));
 }
 
 // Accumulate for `steps` consecutive time steps of one position: step k reads image k * n + b of
@@ -180,9 +213,8 @@ inline void Accumulate(const Geometry& g, const T* kernel, const uint16_t* lists
 // between taps; each output's sum keeps Accumulate's order (taps row-major, channels ascending),
 // so the result is bitwise the same.
 template <typename T, int K>
-void AccumulateTileSteps(const Geometry& g, const T* kernel, const uint16_t* lists,
-                         const uint16_t* counts, int64_t b, int64_t y, int64_t x, int64_t c0,
-                         int64_t steps, T* z, int64_t stride) {
+void AccumulateTileSteps(const Geometry& g, const T* kernel, const Active<T>& a, int64_t b,
+                         int64_t y, int64_t x, int64_t c0, int64_t steps, T* z, int64_t stride) {
   using V = Vec<T>;
   for (int64_t k = 0; k < steps; ++k)
     for (int j = 0; j < K; ++j) V::Store(z + k * stride + j * V::kLanes, typename V::type{});
@@ -195,9 +227,9 @@ void AccumulateTileSteps(const Geometry& g, const T* kernel, const uint16_t* lis
       const T* tap = kernel + (dy * 3 + dx) * g.ci * g.co + c0;
       for (int64_t k = 0; k < steps; ++k) {
         const int64_t q = ((k * g.n + b) * g.h + yy) * g.w + xx;
-        const int64_t m = counts[q];
+        const int64_t m = a.count[q];
         if (m == 0) continue;
-        const uint16_t* list = lists + q * g.ci;
+        const uint16_t* list = a.index + q * g.ci;
         T* out = z + k * stride;
         typename V::type acc[K];
         for (int j = 0; j < K; ++j) acc[j] = V::Load(out + j * V::kLanes);
@@ -213,36 +245,29 @@ void AccumulateTileSteps(const Geometry& g, const T* kernel, const uint16_t* lis
 }
 
 template <typename T>
-void AccumulateScalarSteps(const Geometry& g, const T* kernel, const uint16_t* lists,
-                           const uint16_t* counts, int64_t b, int64_t y, int64_t x, int64_t c0,
-                           int64_t c1, int64_t steps, T* z, int64_t stride) {
-  const int64_t n = c1 - c0;
-  for (int64_t k = 0; k < steps; ++k) {
-    T* out = z + k * stride;
-    for (int64_t c = 0; c < n; ++c) out[c] = 0;
-    ForActiveRows(g, kernel + c0, lists, counts, k * g.n + b, y, x, [&](const T* row) {
-      for (int64_t c = 0; c < n; ++c) out[c] += row[c];
-    });
-  }
+void AccumulateScalarSteps(const Geometry& g, const T* kernel, const Active<T>& a, int64_t b,
+                           int64_t y, int64_t x, int64_t c0, int64_t c1, int64_t steps, T* z,
+                           int64_t stride) {
+  for (int64_t k = 0; k < steps; ++k)
+    AccumulateScalar<false>(g, kernel, a, k * g.n + b, y, x, c0, c1, z + k * stride);
 }
 
 // Columns [c0, c1) of position (b, y, x) at `steps` steps, the synapse without its bias, to
 // z[k * stride, k * stride + c1 - c0) for step k.
 template <typename T>
-inline void AccumulateSteps(const Geometry& g, const T* kernel, const uint16_t* lists,
-                            const uint16_t* counts, int64_t b, int64_t y, int64_t x, int64_t c0,
-                            int64_t c1, int64_t steps, T* z, int64_t stride) {
+inline void AccumulateSteps(const Geometry& g, const T* kernel, const Active<T>& a, int64_t b,
+                            int64_t y, int64_t x, int64_t c0, int64_t c1, int64_t steps, T* z,
+                            int64_t stride) {
   constexpr int64_t L = Vec<T>::kLanes;
   int64_t c = c0;
   for (; c + 8 * L <= c1; c += 8 * L)
-    AccumulateTileSteps<T, 8>(g, kernel, lists, counts, b, y, x, c, steps, z + (c - c0), stride);
+    AccumulateTileSteps<T, 8>(g, kernel, a, b, y, x, c, steps, z + (c - c0), stride);
   for (; c + 4 * L <= c1; c += 4 * L)
-    AccumulateTileSteps<T, 4>(g, kernel, lists, counts, b, y, x, c, steps, z + (c - c0), stride);
+    AccumulateTileSteps<T, 4>(g, kernel, a, b, y, x, c, steps, z + (c - c0), stride);
   for (; c + L <= c1; c += L)
-    AccumulateTileSteps<T, 1>(g, kernel, lists, counts, b, y, x, c, steps, z + (c - c0), stride);
+    AccumulateTileSteps<T, 1>(g, kernel, a, b, y, x, c, steps, z + (c - c0), stride);
   if (c < c1)
-    AccumulateScalarSteps<T>(g, kernel, lists, counts, b, y, x, c, c1, steps, z + (c - c0),
-                             stride);
+    AccumulateScalarSteps<T>(g, kernel, a, b, y, x, c, c1, steps, z + (c - c0), stride);
 }
 
 // Output channels go in tiles of 8 vectors (128 floats), narrowed (64, 32, ... floats) until a
@@ -297,10 +322,9 @@ class Tiles {
   bool copied_ = false;
 };
 
-template <typename T>
+template <bool kValued, typename T>
 void SpikeConv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const T* kernel, T* out) {
-  const uint16_t *lists, *counts;
-  BuildLists(pool, g, x, &lists, &counts);
+  const Active<T> a = BuildLists<kValued>(pool, g, x);
   // Tile-major task order: a task adds rows of one tile's kernel slice, which stays in L2.
   const int64_t positions = g.n * g.h * g.w, block = 64;
   const int64_t blocks = (positions + block - 1) / block;
@@ -310,8 +334,103 @@ void SpikeConv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const T* ke
     const int64_t c0 = (i / blocks) * tile, c1 = std::min(g.co, c0 + tile);
     const TileView<T> v = tiles.View(c0, c1);
     for (int64_t p = (i % blocks) * block, end = std::min(positions, p + block); p < end; ++p)
-      Accumulate(v.g, v.kernel, lists, counts, p / (g.h * g.w), (p / g.w) % g.h, p % g.w, v.c0,
+      Accumulate<kValued>(v.g, v.kernel, a, p / (g.h * g.w), (p / g.w) % g.h, p % g.w, v.c0,
                  v.c0 + c1 - c0, out + p * g.co + c0);
+  });
+}
+
+// The kernel gradient of the 3x3 'SAME' convolution of 0/1 spikes x (N, H, W, Ci), given the
+// cotangent g (N, H, W, Co) of its output:
+//   dw[dy, dx, c, :] = sum over output positions p with x[p + (dy - 1, dx - 1), c] != 0 of g[p, :]
+// Only active inputs are visited, and rows of g that are zero in a tile (most of them under the
+// ste clip window and the max pool's routing) are skipped. A task takes one tile of output
+// channels (narrowed like the forward's, so that its 9 * ci rows fit in L2) and one of `splits`
+// contiguous ranges of input positions q; per q it lists the active channels, then per tap loads
+// the row g[p, tile] of the output position p that q feeds through that tap and adds it to the
+// task's rows dw[tap, c, tile], kept tile-major (contiguous) in a partial sum of its own. The
+// partial sums are then added in split order: the result does not depend on the thread count.
+template <typename T, int K>
+void KernelGradTile(const Geometry& g, const bool* x, const T* grad, int64_t q0, int64_t q1,
+                    int64_t c0, int64_t width, T* dw) {
+  using V = Vec<T>;
+  using VT = typename V::type;
+  constexpr int64_t L = V::kLanes;
+  thread_local std::vector<uint16_t> list_buf;
+  list_buf.resize(g.ci + 16);
+  uint16_t* list = list_buf.data();
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t m = ActiveChannels(x + q * g.ci, g.ci, list, static_cast<T*>(nullptr));
+    if (m == 0) continue;
+    const int64_t b = q / (g.h * g.w), yy = (q / g.w) % g.h, xx = q % g.w;
+    for (int64_t dy = 0; dy < 3; ++dy) {
+      const int64_t y = yy - dy + 1;
+      if (y < 0 || y >= g.h) continue;
+      for (int64_t dx = 0; dx < 3; ++dx) {
+        const int64_t xpos = xx - dx + 1;
+        if (xpos < 0 || xpos >= g.w) continue;
+        const T* row = grad + ((b * g.h + y) * g.w + xpos) * g.co + c0;
+        T* tap = dw + (dy * 3 + dx) * g.ci * width;
+        if constexpr (K > 0) {
+          VT v[K], any{};
+          for (int k = 0; k < K; ++k) {
+            v[k] = V::Load(row + k * L);
+            any = any != VT{} ? any : v[k];  // a nonzero lane of any row stays
+          }
+          bool zero = true;
+          for (int64_t l = 0; l < L; ++l) zero &= any[l] == T(0);
+          if (zero) continue;
+          for (int64_t j = 0; j < m; ++j) {
+            T* out = tap + list[j] * width;
+#pragma GCC unroll 8
+            for (int k = 0; k < K; ++k) V::Store(out + k * L, V::Load(out + k * L) + v[k]);
+          }
+        } else {
+          for (int64_t j = 0; j < m; ++j) {
+            T* out = tap + list[j] * width;
+            for (int64_t c = 0; c < width; ++c) out[c] += row[c];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void SpikeKernelGrad(ffi::ThreadPool& pool, const Geometry& g, const bool* x, const T* grad,
+                     T* out) {
+  constexpr int64_t L = Vec<T>::kLanes;
+  int64_t width = 8 * L;
+  while (width > L && 9 * g.ci * width * int64_t(sizeof(T)) > kTileBytes) width /= 2;
+  width = std::min(width, g.co);
+  const int64_t tiles = (g.co + width - 1) / width, positions = g.n * g.h * g.w;
+  // At least 16 tasks (2 cores: a task is at most 1/16 of the work left over), fixed by the
+  // geometry alone so that the sums' order is too.
+  const int64_t splits = std::max<int64_t>(1, std::min(positions, (16 + tiles - 1) / tiles));
+  const int64_t size = 9 * g.ci * g.co;  // one split's partial sum, tile-major
+  thread_local std::vector<T> partial_buf;
+  partial_buf.assign(splits * size, T(0));
+  T* partial = partial_buf.data();
+  ParallelFor(pool, tiles * splits, [&](int64_t i) {
+    const int64_t t = i / splits, s = i % splits;
+    const int64_t c0 = t * width, w = std::min(g.co, c0 + width) - c0;
+    const int64_t q0 = positions * s / splits, q1 = positions * (s + 1) / splits;
+    T* dw = partial + s * size + 9 * g.ci * c0;
+    if (w == 8 * L) KernelGradTile<T, 8>(g, x, grad, q0, q1, c0, w, dw);
+    else if (w == 4 * L) KernelGradTile<T, 4>(g, x, grad, q0, q1, c0, w, dw);
+    else if (w == 2 * L) KernelGradTile<T, 2>(g, x, grad, q0, q1, c0, w, dw);
+    else if (w == L) KernelGradTile<T, 1>(g, x, grad, q0, q1, c0, w, dw);
+    else KernelGradTile<T, 0>(g, x, grad, q0, q1, c0, w, dw);
+  });
+  // out (HWIO) = the sum of the splits' partials, in split order; a task per row (tap, c).
+  ParallelFor(pool, 9 * g.ci, [&](int64_t row) {
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t c0 = t * width, w = std::min(g.co, c0 + width) - c0;
+      T* dst = out + row * g.co + c0;
+      const T* src = partial + 9 * g.ci * c0 + row * w;
+      std::memcpy(dst, src, w * sizeof(T));
+      for (int64_t s = 1; s < splits; ++s)
+        for (int64_t c = 0; c < w; ++c) dst[c] += src[s * size + c];
+    }
   });
 }
 
@@ -356,11 +475,11 @@ void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, int64_t
     std::memcpy(state_out, state, g.n * g.h * g.w * g.co * sizeof(T));
   for (int64_t k0 = 0; k0 < valid; k0 += kStepBlock) {
     const int64_t k1 = std::min(valid, k0 + kStepBlock);
-    const uint16_t *lists = nullptr, *counts = nullptr;
+    Active<T> a{};
     if (kernel != nullptr) {  // the block's images: image (k - k0) * n + b
       Geometry block = g;
       block.n = (k1 - k0) * g.n;
-      BuildLists(pool, block, x + k0 * g.n * g.h * g.w * g.ci, &lists, &counts);
+      a = BuildLists<false>(pool, block, x + k0 * g.n * g.h * g.w * g.ci);
     }
     const T* membranes = k0 == 0 ? state : state_out;
     ParallelFor(pool, tiles * g.n * pairs, [&](int64_t i) {
@@ -382,7 +501,7 @@ void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, int64_t
           const int64_t p = (b * g.h + y) * g.w + xpos;
           std::memcpy(membrane, membranes + p * g.co + c0, width * sizeof(T));
           if (kernel != nullptr)
-            AccumulateSteps(v.g, v.kernel, lists, counts, b, y, xpos, v.c0, v.c0 + width,
+            AccumulateSteps(v.g, v.kernel, a, b, y, xpos, v.c0, v.c0 + width,
                             k1 - k0, zs, kTile);
           else  // the constant pred of every step
             std::memcpy(zs, x + p * g.co + c0, width * sizeof(T));
@@ -427,7 +546,7 @@ void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, int64_t
   }
 }
 
-template <ffi::DataType D>
+template <ffi::DataType D, bool kValued>
 ffi::Error SpikeConvHandler(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<D> kernel,
                             ffi::ResultBuffer<D> out) {
   auto xd = x.dimensions(), kd = kernel.dimensions(), od = out->dimensions();
@@ -441,7 +560,23 @@ ffi::Error SpikeConvHandler(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer<
                                        "(3, 3, Ci, Co) -> (N, H, W, Co)");
   if (g.ci > 65535)
     return ffi::Error::InvalidArgument("spike_conv: at most 65535 input channels");
-  SpikeConv(pool, g, x.typed_data(), kernel.typed_data(), out->typed_data());
+  SpikeConv<kValued>(pool, g, x.typed_data(), kernel.typed_data(), out->typed_data());
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType D>
+ffi::Error SpikeKernelGradHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::PRED> x,
+                                  ffi::Buffer<D> grad, ffi::ResultBuffer<D> out) {
+  auto xd = x.dimensions(), gd = grad.dimensions(), od = out->dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || od.size() != 4 || gd[0] != xd[0] ||
+      gd[1] != xd[1] || gd[2] != xd[2] || od[0] != 3 || od[1] != 3 || od[2] != xd[3] ||
+      od[3] != gd[3])
+    return ffi::Error::InvalidArgument("spike_kernel_grad: expected (N, H, W, Ci) bool spikes, "
+                                       "an (N, H, W, Co) cotangent and a (3, 3, Ci, Co) result");
+  if (xd[3] > 65535)
+    return ffi::Error::InvalidArgument("spike_kernel_grad: at most 65535 input channels");
+  Geometry g{xd[0], xd[1], xd[2], xd[3], gd[3]};
+  SpikeKernelGrad(pool, g, x.typed_data(), grad.typed_data(), out->typed_data());
   return ffi::Error::Success();
 }
 
@@ -524,12 +659,26 @@ BITNET_SPIKE_NEURON(BitnetSpikeNeuronF64, ffi::F64)
 BITNET_SPIKE_LAYER(BitnetSpikeLayerF32, ffi::F32)
 BITNET_SPIKE_LAYER(BitnetSpikeLayerF64, ffi::F64)
 
-#define BITNET_SPIKE_CONV(name, D)                                    \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, SpikeConvHandler<D>,            \
+#define BITNET_SPIKE_CONV(name, D, VALUED)                            \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (SpikeConvHandler<D, VALUED>),  \
                                 ffi::Ffi::Bind()                      \
                                     .Ctx<ffi::ThreadPool>()           \
                                     .Arg<ffi::Buffer<D>>()            \
                                     .Arg<ffi::Buffer<D>>()            \
                                     .Ret<ffi::Buffer<D>>());
-BITNET_SPIKE_CONV(BitnetSpikeConvF32, ffi::F32)
-BITNET_SPIKE_CONV(BitnetSpikeConvF64, ffi::F64)
+BITNET_SPIKE_CONV(BitnetSpikeConvF32, ffi::F32, false)
+BITNET_SPIKE_CONV(BitnetSpikeConvF64, ffi::F64, false)
+// The same convolution of any input, each nonzero entry's row times its value: the input
+// gradient of a convolution, from its output's cotangent (mostly zeros) and the flipped kernel.
+BITNET_SPIKE_CONV(BitnetSparseConvF32, ffi::F32, true)
+BITNET_SPIKE_CONV(BitnetSparseConvF64, ffi::F64, true)
+
+#define BITNET_SPIKE_KERNEL_GRAD(name, D)                             \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, SpikeKernelGradHandler<D>,      \
+                                ffi::Ffi::Bind()                      \
+                                    .Ctx<ffi::ThreadPool>()           \
+                                    .Arg<ffi::Buffer<ffi::PRED>>()    \
+                                    .Arg<ffi::Buffer<D>>()            \
+                                    .Ret<ffi::Buffer<D>>());
+BITNET_SPIKE_KERNEL_GRAD(BitnetSpikeKernelGradF32, ffi::F32)
+BITNET_SPIKE_KERNEL_GRAD(BitnetSpikeKernelGradF64, ffi::F64)
