@@ -296,7 +296,8 @@ def main(argv=None):
   p.add_argument("--train_remat", default="stream", help="JAX training: remat of `parallel`")
   p.add_argument("--train_chunk", type=int, default=0, help="JAX training: steps per chunk")
   p.add_argument("--default_config", action="store_true",
-                 help="also time the trainer's defaults (parallel, remat=none) at the first T")
+                 help="also time the trainer's defaults (parallel, remat=none) at the first T, "
+                      "for each kind of --synapses")
   p.add_argument("--eval_engine", default="scan",
                  help="JAX evaluation engine (on CPU `scan` is ~10%% faster than `parallel`)")
   p.add_argument("--sparse_eval_engine", default="parallel",
@@ -371,7 +372,9 @@ def main(argv=None):
         add(_jax("train", args, files, steps, "parallel", args.train_remat, args.train_chunk,
                  dtype, args.iters, synapses))
       if args.default_config and steps == train_steps[0]:
-        add(_jax("train", args, files, steps, "parallel", "none", 0, "float32", args.iters))
+        for synapses in dict.fromkeys(s for _, s in variants):
+          add(_jax("train", args, files, steps, "parallel", "none", 0, "float32", args.iters,
+                   synapses))
       if args.torch == "on":
         add(_torch("train", args, files, steps, args.torch_iters))
     for dtype, synapses in variants:

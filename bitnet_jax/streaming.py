@@ -8,7 +8,8 @@ from one time step to the next, and the gradient of a run is the sum over chunks
 own vjp, given the membrane states at the chunk's start. Other surrogates pass gradient through
 the membrane across chunks; `stream` rejects them (`check_surrogate`).
 
-Inside a chunk, three small `custom_vjp`s keep the backward lean and loop-friendly:
+Inside a chunk, two small `custom_vjp`s keep the backward lean and loop-friendly (and
+`neuron.maxpool` a third, in every engine):
 
 - `_spike_synapse` (a conv or the linear layer on 0/1 spikes) keeps its input as `bool` (one
   byte instead of four) for the weight gradient; it computes the input gradient as a plain
@@ -16,13 +17,10 @@ Inside a chunk, three small `custom_vjp`s keep the backward lean and loop-friend
   slower inside a loop body on XLA:CPU, jax issue #12868) and, on CPU, the weight gradient as
   nine shifted matrix products (XLA:CPU's convolution-backprop-filter is 2-5x slower at these
   shapes, and slower still in a loop);
-- `_spike_pool` keeps the max pool's input as `bool` and routes the gradient elementwise (on
-  CPU autodiff's version builds int32 scatter indices several times the size of the layer);
 - `_neuron_over_time` keeps the neuron's clip window as `bool` and differentiates elementwise:
   under `ste` nothing crosses time steps, so no reverse scan is needed.
 
-All three give the autodiff results (the pool bitwise; the convolution gradients up to float
-summation order).
+Both give the autodiff results (the convolution gradients up to float summation order).
 
 `layer_runs` gives them in the engine's per-layer contract.
 """
@@ -151,42 +149,6 @@ def _spike_synapse_bwd(module, name, residual, g):
 _spike_synapse.defvjp(_spike_synapse_fwd, _spike_synapse_bwd)
 
 
-@jax.custom_vjp
-def _spike_pool(x):
-  """`neuron.maxpool` of 0/1 spikes, keeping its input as bool for the backward."""
-  return neuron.maxpool(x)
-
-
-def _spike_pool_fwd(x):
-  return neuron.maxpool(x), x.astype(jnp.bool_)
-
-
-def _spike_pool_bwd(x, g):
-  """Routes each window's gradient to its first maximal element in row-major order.
-
-  That is the choice of XLA's select-and-scatter (the vjp of `neuron.maxpool`), so the result
-  is bitwise the same; but elementwise, where autodiff's version keeps a float32 copy of the
-  input and, on CPU, builds int32 scatter indices several times the size of the layer.
-  """
-  *lead, h, w, c = x.shape
-  win = x.reshape(*lead, h // 2, 2, w // 2, 2, c)
-  a, b = win[..., 0, :, 0, :], win[..., 0, :, 1, :]       # (..., H/2, W/2, C) each
-  c_, d = win[..., 1, :, 0, :], win[..., 1, :, 1, :]
-  first = a | ~(b | c_ | d)                               # a is a maximum (a = 1, or all 0)
-  second = ~first & b
-  third = ~first & ~b & c_
-  fourth = ~first & ~b & ~c_
-  zero = jnp.zeros((), g.dtype)
-  parts = [jnp.where(sel, g, zero) for sel in (first, second, third, fourth)]
-  top = jnp.stack(parts[:2], -2)                          # (..., H/2, W/2, 2, C): dx = 0, 1
-  bottom = jnp.stack(parts[2:], -2)
-  out = jnp.stack([top, bottom], -4)                      # (..., H/2, 2, W/2, 2, C)
-  return (out.reshape(*lead, h, w, c),)
-
-
-_spike_pool.defvjp(_spike_pool_fwd, _spike_pool_bwd)
-
-
 # ------------------------------------------------------------------------------------------
 # The neuron through time, and the layers of a chunk.
 
@@ -269,6 +231,6 @@ def layer_runs(module: models.BITnet6, params) -> tuple:
       x = _spike_synapse(module, spec.name, params[spec.name], flat)     # one conv for n steps
       x = x.reshape((n, -1) + x.shape[1:])                               # (n, B, ...)
     spikes, state = _neuron_over_time(state, x, valid, n, module.surrogate)
-    return (_spike_pool(spikes) if spec.pool else spikes), state, neuron.per_image(spikes)
+    return (neuron.maxpool(spikes) if spec.pool else spikes), state, neuron.per_image(spikes)
 
   return tuple(functools.partial(run, spec) for spec in module.plan())

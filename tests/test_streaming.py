@@ -84,17 +84,17 @@ def test_stream_is_a_parallel_engine_option_only():
     engines.parse_remat("scan", "stream")
 
 
-def test_spike_pool_gradient_is_bitwise_autodiffs():
+def test_maxpool_gradient_is_bitwise_autodiffs():
   """The elementwise max-pool backward routes every window's gradient where XLA's
   select-and-scatter does (first maximum in row-major order), on all 16 window patterns."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.random((3, 2, 8, 6, 5)) < 0.3, jnp.float32)  # (T, B, H, W, C)
   x = x.at[0].set(0).at[1, 0, :2, :2].set(1)                        # all-0 and all-1 windows
   g = jnp.asarray(rng.normal(size=(3, 2, 4, 3, 5)), jnp.float32)
-  ref = jax.vjp(neuron.maxpool, x)[1](g)[0]
-  ours = jax.vjp(streaming._spike_pool, x)[1](g)[0]  # pylint: disable=protected-access
+  ref = jax.vjp(neuron._reduce_max, x)[1](g)[0]  # pylint: disable=protected-access
+  ours = jax.vjp(neuron.maxpool, x)[1](g)[0]
   np.testing.assert_array_equal(ours, ref)
-  np.testing.assert_array_equal(streaming._spike_pool(x), neuron.maxpool(x))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(neuron.maxpool(x), neuron._reduce_max(x))  # pylint: disable=protected-access
 
 
 def test_conv_gradients_match_autodiff():
