@@ -12,10 +12,19 @@
 - `neuron(pred, state, steps, pool, surrogate, valid=None)`: the same without the synapse, for a
   constant pred (the first layer, whose input is the image).
 
-Both differentiate as the dense computations do (`jax.custom_vjp`: the backward recomputes
-them densely), so a model that uses them still trains. Under a jit whose batch is sharded over
-several devices (data parallelism), each device's kernel runs on its own images only
-(`custom_partitioning`, see "Sharding" below).
+They differentiate as the dense computations do (`jax.custom_vjp`), so a model that uses them
+trains, and the backward skips zeros too: `layer` recomputes its synapse with `conv` (the same
+sums as the forward, so the same spikes), whose vjp is
+
+- `input_grad(g, kernel)`: the convolution of the output's cotangent with the flipped kernel,
+  adding per position only the rows of g's nonzero entries, each times its value (under the
+  `ste` clip window and the max pool's routing, most of g is zero);
+- `kernel_grad(x, g)`: per active input, the cotangent rows of the outputs it feeds, added into
+  the kernel's gradient; rows of g that are zero are skipped.
+
+`neuron`'s backward is elementwise (jnp). Under a jit whose batch is sharded over several
+devices (data parallelism), each device's kernel runs on its own images only
+(`custom_partitioning`, see "Sharding" below); `kernel_grad` then adds the devices' sums.
 
 The kernel is C++ built on first use with the host's compiler (`$CXX`, else `c++`/`g++`;
 `-O3 -march=native`) against the XLA FFI headers that jaxlib ships, and cached in

@@ -12,7 +12,9 @@
 //      accumulators that add the rows w[tap, c, tile] of the listed channels, taps in row-major
 //      order, channels ascending, from a copy of the kernel whose tiles are contiguous.
 // Inputs that are not 0/1 are treated as 0 where 0 and as 1 elsewhere: the caller
-// (bitnet_jax/spike_conv.py) only passes spikes.
+// (bitnet_jax/spike_conv.py) only passes spikes. The same code, valued (each row times its
+// input's value), computes the input gradient from the output's cotangent (BitnetSparseConv);
+// SpikeKernelGrad computes the kernel gradient from the active inputs.
 //
 // Built by bitnet_jax/spike_conv.py with the host's C++ compiler (-O3 -march=native).
 
