@@ -9,8 +9,12 @@ estimator for the spike (see ``SpikeSTE``) and the release's training signal
 ``MSE(clamp(counts, max=steps) / steps, one_hot(label))``.
 
 Run ``python benchmarks/torch_baseline.py --help``; it prints one JSON line with the throughput
-and the peak resident memory of the process.  Importable API: ``build_model``, ``train_step``,
-``eval_counts``, ``load_npz_weights``, ``synthetic_batch``.
+and the peak resident memory of the process.  ``--device cuda`` runs it on the GPU (timers read
+after ``torch.cuda.synchronize()``; the JSON adds the GPU's name, ``cuda_max_memory_gib`` and
+whether cuDNN may use TF32 for float32 convolutions, PyTorch's default).  ``--dtype bfloat16``
+runs the layers under ``torch.autocast(device, bfloat16)``; weights and membranes stay float32.
+Importable API: ``build_model``, ``train_step``, ``eval_counts``, ``load_npz_weights``,
+``synthetic_batch``.
 """
 from __future__ import annotations
 
@@ -136,12 +140,13 @@ def count_params(model):
 # ----------------------------------------------------------------------------------------------
 # Steps
 # ----------------------------------------------------------------------------------------------
-def _autocast(dtype):
+def _autocast(dtype, device_type="cpu"):
+    """``torch.autocast(device_type, dtype)``, or nothing for float32 (``None`` means float32)."""
     if dtype in (None, torch.float32, "float32"):
         return contextlib.nullcontext()
     if dtype == "bfloat16":
         dtype = torch.bfloat16
-    return torch.autocast("cpu", dtype=dtype)
+    return torch.autocast(device_type, dtype=dtype)
 
 
 def release_loss(counts, labels, steps, num_classes):
@@ -155,7 +160,7 @@ def train_step(model, optimizer, images, labels, steps, autocast_dtype=None):
     """One optimizer step on one batch; returns the loss as a Python float."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    with _autocast(autocast_dtype):
+    with _autocast(autocast_dtype, images.device.type):
         counts = model(images, steps)
     loss = release_loss(counts, labels, steps, counts.shape[-1])
     loss.backward()
@@ -166,7 +171,7 @@ def train_step(model, optimizer, images, labels, steps, autocast_dtype=None):
 def eval_counts(model, images, steps, autocast_dtype=None):
     """Spike counts (B, classes) of the last layer summed over ``steps`` time steps."""
     model.eval()
-    with torch.inference_mode(), _autocast(autocast_dtype):
+    with torch.inference_mode(), _autocast(autocast_dtype, images.device.type):
         counts = model(images, steps)
     return counts.float()
 
@@ -225,6 +230,16 @@ def _default_threads():
         return os.cpu_count() or 1
 
 
+def _cuda_report(device):
+    """The JSON keys of a CUDA run: GPU name, peak allocated memory, TF32 use of float32 convs."""
+    return {
+        "device": device,
+        "gpu": torch.cuda.get_device_name(),
+        "cuda_max_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+    }
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--fs", type=float, default=1.0)
@@ -236,7 +251,10 @@ def main(argv=None):
     p.add_argument("--mode", choices=("train", "eval"), default="train")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: the layers under torch.autocast(device, bfloat16); weights and "
+                        "membrane state stay float32")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="default: all cores")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument("--lr", type=float, default=0.01)
@@ -245,6 +263,8 @@ def main(argv=None):
     p.add_argument("--channels_last", action="store_true",
                    help="NHWC memory format (not what the release does; off by default)")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device cuda: torch {torch.__version__} sees no CUDA device")
 
     threads = args.threads or _default_threads()
     torch.set_num_threads(threads)
@@ -257,6 +277,7 @@ def main(argv=None):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
         images = images.to(memory_format=torch.channels_last)
+    model, images, labels = model.to(args.device), images.to(args.device), labels.to(args.device)
     amp = None if args.dtype == "float32" else torch.bfloat16
 
     if args.mode == "train":
@@ -268,12 +289,18 @@ def main(argv=None):
         def run():
             return float(eval_counts(model, images, args.steps, amp).sum())
 
+    def sync():
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+
     for _ in range(args.warmup):
         run()
+    sync()
     t0 = time.perf_counter()
     last = None
     for _ in range(args.iters):
         last = run()
+    sync()
     elapsed = time.perf_counter() - t0
     per_iter = elapsed / max(args.iters, 1)
 
@@ -288,8 +315,9 @@ def main(argv=None):
         "classes": args.classes,
         "img_size": args.img_size,
         "dtype": args.dtype,
-        "precision": ("float32" if amp is None
-                      else "torch.autocast('cpu', bfloat16) for layers; membrane state float32"),
+        "precision": ("float32" if amp is None else
+                      f"torch.autocast('{args.device}', bfloat16) for layers; membrane state "
+                      "float32"),
         "optimizer": args.optimizer if args.mode == "train" else None,
         "threads": threads,
         "iters": args.iters,
@@ -301,6 +329,8 @@ def main(argv=None):
         "weights": args.weights,
         ("last_loss" if args.mode == "train" else "last_count_sum"): last,
     }
+    if args.device == "cuda":
+        out.update(_cuda_report(args.device))
     print(json.dumps(out), flush=True)
     return out
 
