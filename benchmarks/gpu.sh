@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 16's side-by-side on one GPU, at the paper's setting: fs=4 (25.7 M parameters), 32x32x3,
 # training at T=50 (ours: remat=stream, chunks of 10) and evaluation at T=200 (ours: parallel,
-# chunks of 25), batch 128 then 32. Rows, most important first (benchmarks/compare.py runs each
+# chunks of 10, evaluation's default: T=10 and T=200 then compile the same chunk program, issue
+# 16's item 4), batch 128 then 32. Rows, most important first (benchmarks/compare.py runs each
 # in its own process):
 #   1. a bf16 matmul probe (JAX, 8192^3 products): the GPU's measured rate, the "% of peak" base;
 #   2. per batch (128, then 32): training, then evaluation: ours in float32 and bfloat16, and the
@@ -34,7 +35,7 @@ if [[ -n "${BITNET_BENCH_SMOKE:-}" ]]; then torch_device=cpu; fi
 if command -v nvidia-smi >/dev/null; then nvidia-smi -L; fi
 exec "${PYTHON:-python3}" -m benchmarks.compare \
   --fs 4 --batch 128,32 --train_steps 50 --eval_steps 200 --compile_steps 10 \
-  --train_remat stream --train_chunk 10 --eval_engine parallel --eval_chunk 25 \
+  --train_remat stream --train_chunk 10 --eval_engine parallel --eval_chunk 10 \
   --dtypes float32,bfloat16 --late_dtypes bfloat16x3 --synapses dense --iters 3 \
   --torch on --torch_device "$torch_device" --torch_dtypes float32,bfloat16 --torch_iters 2 \
   --matmul_size 8192 --timeout 150 --budget 440 \
