@@ -79,8 +79,9 @@ class BITnet6(nn.Module):
       one-product cast.
     sparse: compute the convolutions on spikes (every conv but `begin`) with
       `spike_conv.conv`, a C++ XLA:CPU kernel that adds only the kernel rows of the active
-      inputs (float32/float64, CPU only; the gradient stays the dense one). Same results up to
-      summation order; its cost scales with the spike count instead of the layer size.
+      inputs (float32/float64, CPU only; its gradients skip zeros too, `spike_conv.input_grad`
+      and `kernel_grad`). Same results up to summation order; its cost scales with the spike
+      count instead of the layer size.
     precision: matmul/conv precision of every synapse, forward and backward: "highest" (default),
       "high" or "default", or the `jax.lax.Precision` member (see `PRECISIONS`). It changes
       nothing on CPU; "highest" keeps the release's float32 spikes on TPUs and on GPUs with TF32.
