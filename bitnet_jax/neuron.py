@@ -189,8 +189,9 @@ def maxpool(x: jax.Array) -> jax.Array:
   window's gradient elementwise to its first maximal element in row-major order. That is the
   choice of XLA's select-and-scatter (autodiff of `_reduce_max`), so the gradient is bitwise the
   same; but autodiff's keeps a float copy of the input and, on CPU, builds int32 scatter indices
-  several times the size of the layer (about half a second of a 1.0 s sparse train step,
-  T = 10, fs = 1, batch 32, measured 2026-12-02).
+  several times the size of the layer (about half a second of a 1.04 s sparse train step,
+  T = 10, fs = 1, batch 32, 2026-12-02: the per-op totals that `python -m
+  benchmarks.profile_ops --mode train --synapses sparse --remat none` prints).
   """
   return _reduce_max(x)
 

@@ -222,7 +222,7 @@ def _batch_partitioned(op: str, dtype: np.dtype, pool: bool | None = None,
   rule, in_dims, out_dims = _RULES[op]
   call = _ffi(op, dtype, pool, steps)
   partitioned = custom_partitioning(call)
-  single = op in ("conv", "sparse_conv", "kernel_grad")  # ops with one result
+  single = len(out_dims) == 1  # an op with one result returns it bare, not in a tuple
 
   def batch_axes(arg_shapes):
     return _batch_spec(arg_shapes[0].sharding, in_dims[0])
