@@ -183,38 +183,47 @@ def _reduce_max(x: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def maxpool(x: jax.Array) -> jax.Array:
-  """2x2 stride-2 max pool of 0/1 spikes over the H, W axes of (..., H, W, C) (a logical OR).
+  """2x2 stride-2 max pool over the H, W axes of (..., H, W, C), for any real x: 0/1 spikes (a
+  logical OR) or the ReLU twin's activations.
 
-  Its backward keeps x as bool (for 0/1 inputs only: every caller pools spikes) and routes each
-  window's gradient elementwise to its first maximal element in row-major order. That is the
-  choice of XLA's select-and-scatter (autodiff of `_reduce_max`), so the gradient is bitwise the
-  same; but autodiff's keeps a float copy of the input and, on CPU, builds int32 scatter indices
-  several times the size of the layer (about half a second of a 1.04 s sparse train step,
-  T = 10, fs = 1, batch 32, 2026-12-02: the per-op totals that `python -m
-  benchmarks.profile_ops --mode train --synapses sparse --remat none` prints).
+  Its backward routes each window's gradient to the window's first maximal element in row-major
+  order: the choice of XLA's select-and-scatter (autodiff of `_reduce_max`), so the gradient is
+  bitwise autodiff's, for every finite input (tested on spikes and on real values with ties).
+  The residual is one bool per input, "equals its window's maximum", where autodiff keeps a
+  float copy of the input and, on CPU, builds int32 scatter indices several times the size of
+  the layer (about half a second of a 1.04 s sparse train step, T = 10, fs = 1, batch 32,
+  2026-12-02: the per-op totals that `python -m benchmarks.profile_ops --mode train --synapses
+  sparse --remat none` prints).
   """
   return _reduce_max(x)
 
 
-def _maxpool_fwd(x):
-  return _reduce_max(x), x.astype(jnp.bool_)
-
-
-def _maxpool_bwd(x, g):
+def _windows(x: jax.Array) -> jax.Array:
+  """(..., H, W, C) -> (..., H/2, 2, W/2, 2, C): the 2x2 windows of the pool."""
   *lead, h, w, c = x.shape
-  win = x.reshape(*lead, h // 2, 2, w // 2, 2, c)
-  a, b = win[..., 0, :, 0, :], win[..., 0, :, 1, :]       # (..., H/2, W/2, C) each
-  c_, d = win[..., 1, :, 0, :], win[..., 1, :, 1, :]
-  first = a | ~(b | c_ | d)                               # a is a maximum (a = 1, or all 0)
-  second = ~first & b
-  third = ~first & ~b & c_
-  fourth = ~first & ~b & ~c_
+  return x.reshape(*lead, h // 2, 2, w // 2, 2, c)
+
+
+def _maxpool_fwd(x):
+  out = _reduce_max(x)                                     # (..., H/2, W/2, C)
+  is_max = _windows(x) == out[..., :, None, :, None, :]    # bool (..., H/2, 2, W/2, 2, C)
+  return out, is_max
+
+
+def _maxpool_bwd(is_max, g):
+  a, b = is_max[..., 0, :, 0, :], is_max[..., 0, :, 1, :]  # (..., H/2, W/2, C) each
+  c_, d = is_max[..., 1, :, 0, :], is_max[..., 1, :, 1, :]
+  first = a                                               # the first maximum, row-major
+  second = ~a & b
+  third = ~a & ~b & c_
+  fourth = ~a & ~b & ~c_ & d
   zero = jnp.zeros((), g.dtype)
   parts = [jnp.where(sel, g, zero) for sel in (first, second, third, fourth)]
   top = jnp.stack(parts[:2], -2)                          # (..., H/2, W/2, 2, C): dx = 0, 1
   bottom = jnp.stack(parts[2:], -2)
   out = jnp.stack([top, bottom], -4)                      # (..., H/2, 2, W/2, 2, C)
-  return (out.reshape(*lead, h, w, c),)
+  *lead, h2, _, w2, _, c = is_max.shape
+  return (out.reshape(*lead, 2 * h2, 2 * w2, c),)
 
 
 maxpool.defvjp(_maxpool_fwd, _maxpool_bwd)

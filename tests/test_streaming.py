@@ -84,17 +84,30 @@ def test_stream_is_a_parallel_engine_option_only():
     engines.parse_remat("scan", "stream")
 
 
-def test_maxpool_gradient_is_bitwise_autodiffs():
+@pytest.mark.parametrize("values", ["spikes", "real", "ties"])
+def test_maxpool_gradient_is_bitwise_autodiffs(values):
   """The elementwise max-pool backward routes every window's gradient where XLA's
-  select-and-scatter does (first maximum in row-major order), on all 16 window patterns."""
+  select-and-scatter does (first maximum in row-major order), over its whole domain: 0/1 spikes
+  (all 16 window patterns), real values (the ReLU twin's activations, negative ones too), and
+  real values with ties. Regression: from 8b5c912 to the fix, the backward assumed 0/1 inputs
+  and sent a real window [[0.3, 0.9], [0, 0]]'s gradient to the 0.3, so the ReLU twin trained
+  with wrong gradients."""
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.random((3, 2, 8, 6, 5)) < 0.3, jnp.float32)  # (T, B, H, W, C)
-  x = x.at[0].set(0).at[1, 0, :2, :2].set(1)                        # all-0 and all-1 windows
+  if values == "spikes":
+    x = jnp.asarray(rng.random((3, 2, 8, 6, 5)) < 0.3, jnp.float32)  # (T, B, H, W, C)
+    x = x.at[0].set(0).at[1, 0, :2, :2].set(1)                        # all-0 and all-1 windows
+  elif values == "real":
+    x = jnp.asarray(rng.normal(size=(3, 2, 8, 6, 5)), jnp.float32)
+  else:  # a few distinct values: many windows with two or more equal maxima
+    x = jnp.asarray(rng.integers(-1, 3, (3, 2, 8, 6, 5)) * 0.5, jnp.float32)
   g = jnp.asarray(rng.normal(size=(3, 2, 4, 3, 5)), jnp.float32)
   ref = jax.vjp(neuron._reduce_max, x)[1](g)[0]  # pylint: disable=protected-access
   ours = jax.vjp(neuron.maxpool, x)[1](g)[0]
   np.testing.assert_array_equal(ours, ref)
   np.testing.assert_array_equal(neuron.maxpool(x), neuron._reduce_max(x))  # pylint: disable=protected-access
+  window = jnp.asarray([[0.3, 0.9], [0.0, 0.0]])[None, :, :, None]         # the issue's case
+  np.testing.assert_array_equal(jax.grad(lambda x: neuron.maxpool(x).sum())(window)[0, ..., 0],
+                                [[0, 1], [0, 0]])
 
 
 def test_conv_gradients_match_autodiff():
