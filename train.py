@@ -14,34 +14,40 @@ Thin entry point: the logic lives in `bitnet_jax.trainer` so it can be imported 
                             the job without a scheduler (imply --distributed): process I of N,
                             process 0 listening at H:P. --distributed_timeout_s S bounds the
                             wait for the others (default 300).
+  --verbose                 expected errors (a mistyped field, missing data, ...) print one line,
+                            `error: ...`, and exit with status 2 (usage) or 1; --verbose (or
+                            BITNET_JAX_VERBOSE=1) shows their traceback too.
 """
 
 import os
 import shlex
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from bitnet_jax import distributed
+from bitnet_jax import errors
+from bitnet_jax.cli import runner
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default workdirs/<config name>.")
 _STEPS = flags.DEFINE_integer("steps", None, "Time steps at evaluation (overrides "
                               "config.eval_time_steps).")
-distributed.define_flags()  # --distributed, --coordinator_address, ...
+runner.define_distributed_flags()  # --distributed, --coordinator_address, ...
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise errors.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags start with --)")
+  if _STEPS.value is not None and _STEPS.value < 1:
+    raise errors.UsageError(f"--steps must be >= 1, got {_STEPS.value} (it is T at evaluation; "
+                            "--config.max_train_steps limits training)")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   import jax  # pylint: disable=import-outside-toplevel
   from bitnet_jax import trainer  # pylint: disable=import-outside-toplevel
-  distributed.initialize_from_flags()
+  runner.initialize_distributed()
   config = _CONFIG.value
   if _STEPS.value is not None:
     with config.unlocked():
@@ -56,4 +62,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  runner.run(main, _CONFIG)

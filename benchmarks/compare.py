@@ -217,7 +217,7 @@ def child_train(args) -> dict:
   """The real train step (`trainer.make_train_step`), SGD with momentum like the baseline."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from bitnet_jax import build, datasets, input_pipeline, trainer  # pylint: disable=import-outside-toplevel
+  from bitnet_jax import build, datasets, input_pipeline, sharding, trainer  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
 
   _, params, images, labels = _load(args)
@@ -232,7 +232,7 @@ def child_train(args) -> dict:
                               mean=CIFAR_MEAN, std=CIFAR_STD)
   module = build.make_module(config, info)
   tx = trainer.make_optimizer(config, 1, 1000)
-  mesh = input_pipeline.data_mesh()
+  mesh = sharding.data_mesh()
   step = trainer.make_train_step(module, config, tx, info, mesh)
   params = jax.tree_util.tree_map(jnp.asarray, params)
   state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,

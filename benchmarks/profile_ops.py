@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import compare
-from bitnet_jax import build, datasets, input_pipeline, models, trainer
+from bitnet_jax import build, datasets, input_pipeline, models, sharding, trainer
 import bitnet_jax
 from configs import default
 
@@ -64,7 +64,7 @@ def train_step(args, params, images, labels):
                               mean=compare.CIFAR_MEAN, std=compare.CIFAR_STD)
   module = build.make_module(config, info)
   tx = trainer.make_optimizer(config, 1, 1000)
-  step = trainer.make_train_step(module, config, tx, info, input_pipeline.data_mesh())
+  step = trainer.make_train_step(module, config, tx, info, sharding.data_mesh())
   params = jax.tree_util.tree_map(jnp.asarray, params)
   state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=tx.init(params))

@@ -54,6 +54,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from bitnet_jax import errors
 from bitnet_jax import torch_checkpoint
 
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist", "tiny_imagenet", "npz",
@@ -210,9 +211,9 @@ class ImageFileSource:
       with Image.open(path) as img:
         image = np.asarray(img.convert("RGB"))  # grayscale JPEGs -> 3 equal channels
     except (OSError, ValueError) as e:
-      raise ValueError(f"Cannot decode image {path}: {e}") from e
+      raise errors.DataError(f"Cannot decode image {path}: {e}") from e
     if image.shape != self.image_shape:
-      raise ValueError(f"Image {path} has shape {image.shape}, expected {self.image_shape}.")
+      raise errors.DataError(f"Image {path} has shape {image.shape}, expected {self.image_shape}.")
     return image
 
 
@@ -286,7 +287,7 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
 def _check_name(config) -> str:
   name = config.get("dataset", None)
   if name not in DATASETS:
-    raise ValueError(f"Unknown dataset {name!r}; valid config.dataset values: "
+    raise errors.ConfigError(f"Unknown dataset {name!r}; valid config.dataset values: "
                      f'{", ".join(DATASETS)}.')
   return name
 
@@ -299,23 +300,23 @@ def _check_split(split: str) -> None:
 def _check_images(images: np.ndarray, where: str, channels: int | None = None) -> None:
   """Checks uint8 (N, H, W, C) with C in {1, 3} (or == `channels`)."""
   if images.dtype != np.uint8:
-    raise ValueError(f"{where}: images must be uint8, found {images.dtype}.")
+    raise errors.DataError(f"{where}: images must be uint8, found {images.dtype}.")
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f"{where}: images must have shape (N, H, W) or (N, H, W, C) with C in "
+    raise errors.DataError(f"{where}: images must have shape (N, H, W) or (N, H, W, C) with C in "
                      f"{{1, 3}}, found {images.shape}.")
   if channels is not None and images.shape[-1] != channels:
-    raise ValueError(f"{where}: expected {channels} channel(s), found {images.shape}.")
+    raise errors.DataError(f"{where}: expected {channels} channel(s), found {images.shape}.")
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(f"{where}: labels must be in [0, {num_classes}), found "
+    raise errors.DataError(f"{where}: labels must be in [0, {num_classes}), found "
                      f"[{labels.min()}, {labels.max()}].")
 
 
 def _check_exists(path: str, what: str) -> None:
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{what} not found: {path}")
+    raise errors.DataNotFound(f"{what} not found: {path}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -337,7 +338,7 @@ def _memory_key(config) -> tuple:
   if name == "npz":
     data_dir = config.get("data_dir", None)
     if not data_dir:
-      raise ValueError("config.dataset='npz' needs config.data_dir = path of a .npz file with "
+      raise errors.ConfigError("config.dataset='npz' needs config.data_dir = path of a .npz file with "
                        "x_train, y_train, x_test, y_test.")
     return name, os.path.abspath(os.path.expanduser(data_dir)), None
   return name, _local_dir(config), None
@@ -366,7 +367,7 @@ def _load_in_memory(name: str, path: str | None, synthetic: tuple | None) -> _In
     splits = {s: (pad_28_to_32(x), y) for s, (x, y) in splits.items()}
   train, test = splits["train"], splits["test"]
   if train[0].shape[1:] != test[0].shape[1:]:
-    raise ValueError(f"{name}: train images {train[0].shape[1:]} and test images "
+    raise errors.DataError(f"{name}: train images {train[0].shape[1:]} and test images "
                      f"{test[0].shape[1:]} differ in shape ({path}).")
   info = DatasetInfo(name, num_classes, tuple(train[0].shape[1:]), len(train[1]), len(test[1]),
                      mean, std)
@@ -377,10 +378,10 @@ def _make_synthetic(num_train: int, num_test: int, num_classes: int,
                     image_shape: tuple[int, ...]) -> tuple[dict, int]:
   """Class-dependent random images: class prototype (4x4 pattern, upsampled) + noise."""
   if len(image_shape) != 3 or image_shape[-1] not in (1, 3) or min(image_shape) < 1:
-    raise ValueError(f"synthetic_image_shape must be (H, W, C) with C in {{1, 3}}, found "
+    raise errors.ConfigError(f"synthetic_image_shape must be (H, W, C) with C in {{1, 3}}, found "
                      f"{image_shape}.")
   if num_train < 1 or num_test < 1 or num_classes < 2:
-    raise ValueError("synthetic_num_train/num_test must be >= 1 and synthetic_num_classes "
+    raise errors.ConfigError("synthetic_num_train/num_test must be >= 1 and synthetic_num_classes "
                      f">= 2, found {num_train}, {num_test}, {num_classes}.")
   h, w, c = image_shape
   rng = np.random.default_rng(0)
@@ -407,13 +408,13 @@ def _read_npz(path: str) -> tuple[dict, int]:
   try:
     with np.load(path, allow_pickle=False) as npz:
       if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise ValueError("a single .npy array, not an .npz archive")
+        raise errors.DataError("a single .npy array, not an .npz archive")
       missing = [k for k in keys if k not in npz.files]
       if missing:
-        raise ValueError(f"missing arrays {missing} (found {npz.files}); expected {list(keys)}")
+        raise errors.DataError(f"missing arrays {missing} (found {npz.files}); expected {list(keys)}")
       arrays = {k: npz[k] for k in keys}
   except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-    raise ValueError(f"Cannot read npz file {path}: {e}.") from e
+    raise errors.DataError(f"Cannot read npz file {path}: {e}.") from e
   splits = {}
   for split in SPLITS:
     x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
@@ -421,13 +422,13 @@ def _read_npz(path: str) -> tuple[dict, int]:
       x = x[..., None]  # (N, H, W) -> (N, H, W, 1)
     _check_images(x, f"{path} x_{split}")
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-      raise ValueError(f"{path}: y_{split} must be a 1-D integer array, found shape {y.shape} "
+      raise errors.DataError(f"{path}: y_{split} must be a 1-D integer array, found shape {y.shape} "
                        f"dtype {y.dtype}.")
     if len(y) != len(x):
-      raise ValueError(f"{path}: x_{split} has {len(x)} images but y_{split} has {len(y)} "
+      raise errors.DataError(f"{path}: x_{split} has {len(x)} images but y_{split} has {len(y)} "
                        "labels.")
     if y.size and y.min() < 0:
-      raise ValueError(f"{path}: y_{split} labels must be >= 0, found {y.min()}.")
+      raise errors.DataError(f"{path}: y_{split} labels must be >= 0, found {y.min()}.")
     splits[split] = (x, y.astype(np.int32))
   num_classes = int(max(y.max(initial=0) for _, y in splits.values())) + 1
   return splits, num_classes
@@ -456,7 +457,7 @@ def _local_dir(config) -> str | None:
     return None
   data_dir = os.path.abspath(os.path.expanduser(data_dir))
   if not os.path.isdir(data_dir):
-    raise FileNotFoundError(
+    raise errors.DataNotFound(
         f"config.data_dir does not exist or is not a folder: {data_dir}. Point it at the "
         f'local files of {name!r} ({", ".join(_local_files(name))}) or at a TFDS data dir '
         "(create it first for a TFDS download), or leave it empty for the default TFDS dir.")
@@ -472,7 +473,7 @@ def _local_dir(config) -> str | None:
       return None
     missing = [f for f in files if not os.path.isfile(os.path.join(root, f))]
     if missing:
-      raise FileNotFoundError(f"{root} is missing {name} files {missing}; expected {files} "
+      raise errors.DataNotFound(f"{root} is missing {name} files {missing}; expected {files} "
                               f"(the extracted python version of {name}).")
     return root
   found = {k: p for s in SPLITS for k, p in _idx_paths(data_dir, s).items()}
@@ -480,7 +481,7 @@ def _local_dir(config) -> str | None:
     return None
   missing = [k for k, p in found.items() if p is None]
   if missing:
-    raise FileNotFoundError(f"{data_dir} holds some {name} IDX files but is missing "
+    raise errors.DataNotFound(f"{data_dir} holds some {name} IDX files but is missing "
                             f'{[k + "[.gz]" for k in missing]}.')
   return data_dir
 
@@ -506,21 +507,21 @@ def _read_cifar_pickle(path: str, label_key: str, num_classes: int) -> tuple[np.
     with open(path, "rb") as f:
       batch = torch_checkpoint.load_pickle(f, encoding="bytes")  # the one safe unpickler
   except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-    raise ValueError(f"Cannot read CIFAR batch {path} (truncated or not a CIFAR python "
+    raise errors.DataError(f"Cannot read CIFAR batch {path} (truncated or not a CIFAR python "
                      f"pickle): {e}") from e
   if not isinstance(batch, dict):
-    raise ValueError(f"{path}: expected a dict, found {type(batch).__name__}.")
+    raise errors.DataError(f"{path}: expected a dict, found {type(batch).__name__}.")
   batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
   missing = [k for k in ("data", label_key) if k not in batch]
   if missing:
-    raise ValueError(f"{path}: CIFAR batch is missing keys {missing} (found {sorted(batch)}).")
+    raise errors.DataError(f"{path}: CIFAR batch is missing keys {missing} (found {sorted(batch)}).")
   data = np.asarray(batch["data"])
   labels = np.asarray(batch[label_key])
   if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-    raise ValueError(f'{path}: "data" must be uint8 (N, 3072), found {data.dtype} '
+    raise errors.DataError(f'{path}: "data" must be uint8 (N, 3072), found {data.dtype} '
                      f"{data.shape}.")
   if labels.shape != (len(data),):
-    raise ValueError(f"{path}: {len(data)} images but {labels.size} labels.")
+    raise errors.DataError(f"{path}: {len(data)} images but {labels.size} labels.")
   images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3), channel-last
   labels = labels.astype(np.int32)
   _check_labels(labels, num_classes, path)
@@ -554,18 +555,18 @@ def read_idx(path: str) -> np.ndarray:
     with (gzip.open if gzipped else open)(path, "rb") as f:
       raw = f.read()
   except (OSError, EOFError) as e:
-    raise ValueError(f"Cannot read IDX file {path} (corrupt or truncated gzip): {e}") from e
+    raise errors.DataError(f"Cannot read IDX file {path} (corrupt or truncated gzip): {e}") from e
   if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
-    raise ValueError(f"{path} is not an IDX file of unsigned bytes: magic {raw[:4].hex()!r}, "
+    raise errors.DataError(f"{path} is not an IDX file of unsigned bytes: magic {raw[:4].hex()!r}, "
                      "expected '000008' followed by the number of dimensions (01 or 03).")
   ndim = raw[3]
   header = 4 + 4 * ndim
   if len(raw) < header:
-    raise ValueError(f"{path}: truncated IDX header.")
+    raise errors.DataError(f"{path}: truncated IDX header.")
   shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
   expected = int(np.prod(shape))
   if len(raw) - header != expected:
-    raise ValueError(f"{path}: IDX header says shape {shape} ({expected} bytes of data) but "
+    raise errors.DataError(f"{path}: IDX header says shape {shape} ({expected} bytes of data) but "
                      f"the file holds {len(raw) - header} bytes (truncated or corrupt).")
   return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
 
@@ -576,9 +577,9 @@ def _read_idx_dir(folder: str) -> dict:
     images_path, labels_path = _idx_paths(folder, split).values()
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.shape[1:] != (28, 28):
-      raise ValueError(f"{images_path}: expected images (N, 28, 28), found {images.shape}.")
+      raise errors.DataError(f"{images_path}: expected images (N, 28, 28), found {images.shape}.")
     if labels.ndim != 1 or len(labels) != len(images):
-      raise ValueError(f"{labels_path}: expected {len(images)} labels (N,) to match "
+      raise errors.DataError(f"{labels_path}: expected {len(images)} labels (N,) to match "
                        f"{images_path}, found shape {labels.shape}.")
     labels = labels.astype(np.int32)
     _check_labels(labels, 10, labels_path)
@@ -589,13 +590,13 @@ def _read_idx_dir(folder: str) -> dict:
 def _tiny_imagenet_root(config) -> str:
   data_dir = config.get("data_dir", None)
   if not data_dir:
-    raise ValueError("config.dataset='tiny_imagenet' needs config.data_dir = the extracted "
+    raise errors.ConfigError("config.dataset='tiny_imagenet' needs config.data_dir = the extracted "
                      "tiny-imagenet-200/ folder (or its parent).")
   data_dir = os.path.abspath(os.path.expanduser(data_dir))
   for root in (data_dir, os.path.join(data_dir, "tiny-imagenet-200")):
     if os.path.isfile(os.path.join(root, "wnids.txt")):
       return root
-  raise FileNotFoundError(f"No Tiny-ImageNet folder at {data_dir}: expected wnids.txt, train/ "
+  raise errors.DataNotFound(f"No Tiny-ImageNet folder at {data_dir}: expected wnids.txt, train/ "
                           "and val/ in it or in its tiny-imagenet-200/ subfolder.")
 
 
@@ -605,7 +606,7 @@ def _tiny_imagenet_sources(root: str) -> dict[str, ImageFileSource]:
   with open(os.path.join(root, "wnids.txt")) as f:
     wnids = [line.strip() for line in f if line.strip()]
   if len(wnids) != len(set(wnids)):
-    raise ValueError(f"{root}/wnids.txt lists a class twice.")
+    raise errors.DataError(f"{root}/wnids.txt lists a class twice.")
   index = {wnid: i for i, wnid in enumerate(wnids)}
   paths, labels = [], []
   for wnid in wnids:
@@ -613,7 +614,7 @@ def _tiny_imagenet_sources(root: str) -> dict[str, ImageFileSource]:
     _check_exists(folder, f"Tiny-ImageNet training folder of class {wnid}")
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".jpeg", ".jpg")))
     if not names:
-      raise FileNotFoundError(f"No JPEG files in {folder}.")
+      raise errors.DataNotFound(f"No JPEG files in {folder}.")
     paths += [os.path.join(folder, n) for n in names]
     labels += [index[wnid]] * len(names)
   train = ImageFileSource(paths, np.asarray(labels, np.int32), (64, 64, 3))
@@ -627,13 +628,13 @@ def _tiny_imagenet_sources(root: str) -> dict[str, ImageFileSource]:
         continue
       fields = line.rstrip("\n").split("\t")
       if len(fields) < 2 or fields[1] not in index:
-        raise ValueError(f'{annotations} line {line_number}: expected "<file>\\t<wnid>\\t..." '
+        raise errors.DataError(f'{annotations} line {line_number}: expected "<file>\\t<wnid>\\t..." '
                          f"with a wnid from wnids.txt, found {line.strip()!r}.")
       paths.append(os.path.join(root, "val", "images", fields[0]))
       labels.append(index[fields[1]])
   missing = [p for p in paths if not os.path.isfile(p)]
   if missing:
-    raise FileNotFoundError(f"{len(missing)} images listed in {annotations} are missing, e.g. "
+    raise errors.DataNotFound(f"{len(missing)} images listed in {annotations} are missing, e.g. "
                             f"{missing[0]}.")
   test = ImageFileSource(paths, np.asarray(labels, np.int32), (64, 64, 3))
   return {"train": train, "test": test}
@@ -692,7 +693,7 @@ def _open_tfds(name: str, split: str, data_dir: str | None) -> TfdsSource:
     path, formats = tfds_prepared(name, data_dir)
     root = shlex.quote(str(builder.data_dir_root))  # as typed in a shell
     if not formats:
-      raise FileNotFoundError(
+      raise errors.DataNotFound(
           f"TFDS dataset {name!r} is not prepared in {builder.data_dir_root} (no "
           f"{path}/dataset_info.json). "
           f"Prepare it once (this downloads it, and needs TensorFlow in that step only):\n"
@@ -700,11 +701,11 @@ def _open_tfds(name: str, split: str, data_dir: str | None) -> TfdsSource:
           "Or download the original files and set config.data_dir to the folder holding them: "
           f'{", ".join(_local_files(name))}.') from e
     if _TFDS_FORMAT not in formats:
-      raise FileNotFoundError(
+      raise errors.DataNotFound(
           f"{path} holds a {'/'.join(formats)} preparation of TFDS dataset {name!r} (e.g. left "
           f"by tfds.load), not ArrayRecord, the format read here. Replace it:\n"
           f"  python -m bitnet_jax.prepare {name} --data_dir {root} --overwrite") from e
-    raise FileNotFoundError(f"TFDS cannot open split {split!r} of the ArrayRecord files of "
+    raise errors.DataNotFound(f"TFDS cannot open split {split!r} of the ArrayRecord files of "
                             f"{name!r} in {path}: {type(e).__name__}: {e}") from e
   return TfdsSource(source, name, split)
 

@@ -10,8 +10,9 @@ whose default is "gloo" in jax 0.10), so a multi-process run works on one machin
 accelerator.
 """
 
-from absl import flags
 import jax
+
+from bitnet_jax import errors
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -29,47 +30,27 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       at exit.
 
   Raises:
-    ValueError: when only some of the three explicit settings are given, or they are invalid.
+    errors.ConfigError (a ValueError): when only some of the three explicit settings are given, or they are invalid.
   """
   explicit = {"coordinator_address": coordinator_address, "num_processes": num_processes,
               "process_id": process_id}
   given = [k for k, v in explicit.items() if v is not None]
   if given and len(given) != 3:
     missing = [k for k in explicit if k not in given]
-    raise ValueError(f"distributed: give all of coordinator_address, num_processes and "
+    raise errors.ConfigError(f"distributed: give all of coordinator_address, num_processes and "
                      f"process_id, or none (auto-detection); got {given}, missing {missing}")
   if num_processes is not None and not (isinstance(num_processes, int) and num_processes >= 1):
-    raise ValueError(f"distributed: num_processes must be an int >= 1, got {num_processes!r}")
+    raise errors.ConfigError(f"distributed: num_processes must be an int >= 1, got {num_processes!r}")
   if process_id is not None and not (isinstance(process_id, int) and
                                      0 <= process_id < num_processes):
-    raise ValueError(f"distributed: process_id must be an int in [0, {num_processes}), got "
+    raise errors.ConfigError(f"distributed: process_id must be an int in [0, {num_processes}), got "
                      f"{process_id!r}")
   if coordinator_address is not None and ":" not in coordinator_address:
-    raise ValueError(f"distributed: coordinator_address must be host:port, got "
+    raise errors.ConfigError(f"distributed: coordinator_address must be host:port, got "
                      f"{coordinator_address!r}")
   if not (isinstance(timeout_s, int) and timeout_s >= 1):
-    raise ValueError(f"distributed: timeout_s must be an int >= 1, got {timeout_s!r}")
+    raise errors.ConfigError(f"distributed: timeout_s must be an int >= 1, got {timeout_s!r}")
   jax.distributed.initialize(coordinator_address, num_processes, process_id,
                              initialization_timeout=timeout_s,
                              heartbeat_timeout_seconds=timeout_s,
                              shutdown_timeout_seconds=timeout_s)
-
-
-def define_flags() -> None:
-  """Defines the multi-process flags of train.py and eval.py (call once, at module level)."""
-  flags.DEFINE_bool("distributed", False, "Join a multi-process job (jax.distributed), found "
-                    "from the scheduler (SLURM, Cloud TPU, ...) or the three flags below.")
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs "
-                      "without a scheduler).")
-  flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-  flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
-  flags.DEFINE_integer("distributed_timeout_s", 300, "Seconds to wait for the other processes "
-                       "(connect, heartbeat, exit).")
-
-
-def initialize_from_flags() -> None:
-  """`initialize` with the flags of `define_flags`, when any of them asks for a job."""
-  f = flags.FLAGS
-  if f.distributed or f.coordinator_address or f.num_processes is not None or (
-      f.process_id is not None):
-    initialize(f.coordinator_address, f.num_processes, f.process_id, f.distributed_timeout_s)

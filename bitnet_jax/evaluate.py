@@ -14,6 +14,7 @@ from bitnet_jax import checkpointing
 from bitnet_jax import datasets
 from bitnet_jax import engines
 from bitnet_jax import input_pipeline
+from bitnet_jax import sharding
 from bitnet_jax import losses
 from bitnet_jax import release
 from bitnet_jax import torch_checkpoint
@@ -93,7 +94,7 @@ def evaluate(eval_step, params, batches, mesh) -> dict:
   """Sums `eval_step` over all batches (dicts of host arrays), on the devices of `mesh`."""
   total = None
   for batch in batches:
-    sums = eval_step(params, input_pipeline.shard_batch(batch, mesh))
+    sums = eval_step(params, sharding.shard_batch(batch, mesh))
     total = sums if total is None else jax.tree_util.tree_map(jnp.add, total, sums)
   if total is None:
     raise ValueError("the evaluation split is empty")
@@ -118,7 +119,7 @@ def summarize(sums: dict, module, time_steps: int, sweep: tuple[int, ...] = ()) 
 
 def run_evaluation(config, *, workdir: str | None = None, which: str = "best",
                    checkpoint_step: int | None = None, torch_ckpt: str | None = None,
-                   sweep: tuple[int, ...] = (), score: str = "count") -> dict:
+                   sweep: tuple[int, ...] = (), score: str = "count", log=print) -> dict:
   """Evaluates a checkpoint on the whole test split of `config.dataset`.
 
   Args:
@@ -129,11 +130,16 @@ def run_evaluation(config, *, workdir: str | None = None, which: str = "best",
     torch_ckpt: a .ckpt of the original PyTorch release instead of a workdir.
     sweep: step counts to also report top-1 at (from the same run; T is raised to their max).
     score: "count" or "potential" (see `make_eval_step`).
+    log: prints the resolved compute settings (process 0): the config's "auto" fields resolve
+      for this platform, and to float32 at `highest` for `torch_ckpt` (the release's spikes).
 
   Returns:
     The metrics of `summarize`, plus "checkpoint" (where the parameters came from).
   """
-  build.validate_config(config)
+  config, resolution = build.resolve(config, fidelity=bool(torch_ckpt))
+  if jax.process_index() == 0:
+    for line in (resolution.describe(),) + resolution.notes:
+      log(line)
   info = datasets.get_dataset_info(config)
   module = build.make_module(config, info)
   if torch_ckpt:
@@ -142,7 +148,8 @@ def run_evaluation(config, *, workdir: str | None = None, which: str = "best",
         num_classes=info.num_classes, img_size=module.img_size, in_channels=module.in_channels)
     source = torch_ckpt
   elif workdir:
-    params, meta = checkpointing.load_params(workdir, which, checkpoint_step)
+    params, meta = checkpointing.load_params(
+        workdir, which, checkpoint_step, log=log if jax.process_index() == 0 else lambda _: None)
     checkpointing.check_architecture(meta["arch"], checkpointing.architecture(module),
                                      meta["source"])
     source = meta["source"]
@@ -150,7 +157,7 @@ def run_evaluation(config, *, workdir: str | None = None, which: str = "best",
     raise ValueError("nothing to evaluate: give a workdir or a torch_ckpt")
   sweep = tuple(sorted(set(sweep)))
   time_steps = max((config.eval_time_steps,) + sweep)
-  mesh = input_pipeline.data_mesh()
+  mesh = sharding.data_mesh()
   params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   neuron = twin.neuron_of(config)
   eval_step = make_eval_step(module, time_steps=time_steps, mean=info.mean, std=info.std,

@@ -3,7 +3,7 @@
 Batches are dicts of numpy arrays, `{'image': uint8 (b, H, W, C), 'label': int32 (b,)}`, plus
 `'mask': bool (b,)` on evaluation batches, where `b` is this process's share of the *global*
 batch (`config.batch_size` / `config.eval_batch_size` divided by `jax.process_count()`).
-`shard_batch` turns them into global `jax.Array`s split over the mesh axis 'data', and
+`sharding.shard_batch` turns them into global `jax.Array`s split over the mesh axis 'data', and
 `normalize` (on the device, inside jit) maps uint8 to float32.
 
 Why grain on index batches. The pipeline is a `grain.MapDataset` of *example ids*:
@@ -38,7 +38,6 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from bitnet_jax import datasets
 
@@ -221,7 +220,7 @@ class _EvalBatch:
 
 
 # ------------------------------------------------------------------------------------------
-# Augmentation, normalisation, sharding.
+# Augmentation, normalisation.
 
 
 def crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray,
@@ -267,34 +266,3 @@ def normalize(image: jax.Array, mean, std) -> jax.Array:
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
   return (image.astype(jnp.float32) / 255.0 - mean) / std
-
-
-def data_mesh() -> jax.sharding.Mesh:
-  """The 1-D mesh (axis 'data') over every device of every process that batches are split on."""
-  return jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-
-
-def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """Assembles the processes' local batches into global arrays split over mesh axis 'data'.
-
-  Args:
-    batch: this process's batch, arrays with leading dimension b (the local batch).
-    mesh: a mesh with an axis named 'data'.
-
-  Returns:
-    The same keys, as `jax.Array`s of leading dimension b * jax.process_count(), sharded along
-    'data' on that dimension.
-  """
-  if "data" not in mesh.axis_names:
-    raise ValueError(f"The mesh needs an axis named 'data', found {mesh.axis_names}.")
-  sharding = NamedSharding(mesh, PartitionSpec("data"))
-  out = {}
-  for key, value in batch.items():
-    global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
-    if global_shape[0] % mesh.shape["data"]:
-      raise ValueError(f"The global batch ({global_shape[0]}) of {key!r} must be divisible by "
-                       f"the {mesh.shape['data']} devices of mesh axis 'data'.")
-    out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
-  return out
-
-

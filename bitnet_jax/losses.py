@@ -12,6 +12,12 @@ import jax.numpy as jnp
 import optax
 
 LOSSES = ("mse_rate", "xent_rate")
+# What each loss is, in words, for the run's header.
+DESCRIPTIONS = {
+    "mse_rate": "the mean squared error of spike rates (counts / T, in [0, 1]) against one-hot "
+                "targets",
+    "xent_rate": "softmax cross-entropy of logit_scale * spike rates (counts / T)",
+}
 
 
 def per_example_loss(kind: str, counts: jax.Array, labels: jax.Array, time_steps: int,

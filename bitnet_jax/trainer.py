@@ -31,10 +31,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bitnet_jax import build
 from bitnet_jax import checkpointing
+from bitnet_jax import console as console_lib
 from bitnet_jax import datasets
 from bitnet_jax import engines
 from bitnet_jax import evaluate as evaluate_lib
 from bitnet_jax import input_pipeline
+from bitnet_jax import sharding
 from bitnet_jax import losses
 from bitnet_jax import twin
 
@@ -108,9 +110,10 @@ def standalone_train_step(config, info: datasets.DatasetInfo):
   Returns:
     (step, init): `step(state, batch)` as in training, and `init(rng) -> TrainState`.
   """
+  config, _ = build.resolve(config)
   module = build.make_module(config, info)
   tx = make_optimizer(config, 100, 1000)
-  mesh = input_pipeline.data_mesh()
+  mesh = sharding.data_mesh()
   return make_train_step(module, config, tx, info, mesh), functools.partial(init_state, module, tx)
 
 
@@ -120,7 +123,7 @@ def compile_train_step(config, info: datasets.DatasetInfo):
   `memory_analysis()` gives the step's memory."""
   step, init = standalone_train_step(config, info)
   state = jax.eval_shape(init, jax.random.PRNGKey(0))
-  split = NamedSharding(input_pipeline.data_mesh(), P("data"))  # as shard_batch places it
+  split = NamedSharding(sharding.data_mesh(), P("data"))  # as shard_batch places it
   batch = {"image": jax.ShapeDtypeStruct((config.batch_size,) + tuple(info.image_shape),
                                          np.uint8, sharding=split),
            "label": jax.ShapeDtypeStruct((config.batch_size,), np.int32, sharding=split)}
@@ -130,7 +133,7 @@ def compile_train_step(config, info: datasets.DatasetInfo):
 class MetricWriter:
   """Appends metrics to workdir/metrics.jsonl, and to TensorBoard when tensorboardX exists."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, log=print):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = jax.process_index() == 0
     self.tb = None
@@ -139,7 +142,8 @@ class MetricWriter:
         import tensorboardX  # pylint: disable=import-outside-toplevel
         self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
       except ImportError:
-        pass
+        log("TensorBoard: off, tensorboardX is not installed (pip install tensorboardX); "
+            "metrics.jsonl has every logged value")
 
   def write(self, step: int, kind: str, values: dict):
     if not self.enabled:
@@ -189,16 +193,6 @@ class _Preemption:
       signal.signal(sig, handler)
 
 
-def _progress(total: int, initial: int):
-  try:
-    from tqdm import auto as tqdm  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return None
-  if jax.process_index() != 0:
-    return None
-  return tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-
 class _Window:
   """The training metrics summed since the last log line, and the time they took."""
 
@@ -233,17 +227,12 @@ class _Window:
       self.t0 = time.perf_counter()
 
 
-def _print0(bar, message: str):
-  """Prints on process 0 only, above the progress bar when there is one."""
-  if jax.process_index() != 0:
-    return
-  if bar is not None:
-    bar.write(message)
-  else:
+def _print0(message: str):
+  if jax.process_index() == 0:
     print(message, flush=True)
 
 
-def _from_twin(config, info, module, tx, arch: dict, mesh) -> TrainState:
+def _from_twin(config, info, module, tx, arch: dict, mesh, log) -> TrainState:
   """A fresh state whose parameters are the ReLU twin's of `config.init_from`, balanced
   (`twin.balance`) on the first `config.balance_examples` training images."""
   params, meta = checkpointing.load_params(config.init_from, "latest")
@@ -255,13 +244,13 @@ def _from_twin(config, info, module, tx, arch: dict, mesh) -> TrainState:
   images, _ = datasets.get_source(config, "train").read(np.arange(n))   # (n, H, W, C) uint8
   images = input_pipeline.normalize(jnp.asarray(images), info.mean, info.std)
   params, lams = twin.balance(module, params, images, config.balance_percentile)
-  _print0(None, f"init from the ReLU twin {meta['source']}: layer scales "
-          + ", ".join(f"{lam:.3g}" for lam in lams))
+  log(f"init from the ReLU twin {meta['source']}: layer scales "
+      + ", ".join(f"{lam:.3g}" for lam in lams))
   params = jax.device_put(params, NamedSharding(mesh, P()))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def _restore_or_init(ckpts, train_iter, init, arch: dict, mesh, seed: int):
+def _restore_or_init(ckpts, train_iter, init, arch: dict, mesh, seed: int, log):
   """The newest checkpoint's state (and the iterator's position), or a fresh state.
 
   Returns:
@@ -270,7 +259,7 @@ def _restore_or_init(ckpts, train_iter, init, arch: dict, mesh, seed: int):
   replicated = NamedSharding(mesh, P())
   state = jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(seed))
   restored = ckpts.restore_latest(jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state), arch)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state), arch, log)
   if restored is None:
     return state, -1.0
   state, data_state, meta = restored
@@ -288,6 +277,28 @@ def _validate(eval_step, params, config, info, module, mesh, step: int, steps_pe
   return result
 
 
+def _header(config, info, module, state, resolution, steps_per_epoch, total_steps, start,
+            workdir) -> list[str]:
+  """The run's header lines, in words."""
+  relu_twin = twin.neuron_of(config) == "relu"
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+  steps = "" if relu_twin else (f" | T={config.time_steps} in training, "
+                                f"{config.eval_time_steps} at evaluation")
+  processes = jax.process_count()
+  return [
+      console_lib.describe_model(module, n_params, relu_twin) + steps,
+      f"data: {info.name}, {input_pipeline.num_examples(config, info, 'train'):,} training / "
+      f"{input_pipeline.num_examples(config, info, 'test'):,} test images, batch "
+      f"{config.batch_size} | {steps_per_epoch:,} steps/epoch, {total_steps:,} in all | "
+      f"devices: {jax.device_count()} x {jax.devices()[0].platform} ({processes} "
+      f"process{'es' if processes > 1 else ''})",
+      resolution.describe(), *resolution.notes,
+      "loss: " + ("softmax cross-entropy of the logits (the ReLU twin)" if relu_twin else
+                  f"{config.loss}, {losses.DESCRIPTIONS[config.loss]}"),
+      f"workdir: {workdir}" + (f" | resumed at step {start}" if start else ""),
+  ]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` when it holds a checkpoint) and returns the final metrics.
 
@@ -295,32 +306,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     The last validation's metrics; after SIGINT/SIGTERM also "preempted" (the signal) and
     "saved_step".
   """
-  build.validate_config(config)
+  config, resolution = build.resolve(config, stored=checkpointing.stored_config(workdir))
   info = datasets.get_dataset_info(config)
   module = build.make_module(config, info)
   arch = checkpointing.architecture(module)
-  mesh = input_pipeline.data_mesh()
+  mesh = sharding.data_mesh()
   steps_per_epoch = input_pipeline.steps_per_epoch(config, info)
   total_steps = steps_per_epoch * config.num_epochs
   if config.max_train_steps > 0:
     total_steps = min(total_steps, config.max_train_steps)
   tx = make_optimizer(config, steps_per_epoch, total_steps)
 
+  train_iter = input_pipeline.create_train_iter(config, info)
   os.makedirs(workdir, exist_ok=True)
   ckpts = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
-  train_iter = input_pipeline.create_train_iter(config, info)
   state, best_top1 = _restore_or_init(ckpts, train_iter, functools.partial(init_state, module, tx),
-                                      arch, mesh, config.seed)
+                                      arch, mesh, config.seed, _print0)
   start = int(state.step)
+  if start >= total_steps:
+    ckpts.close()
+    _print0(f"already trained to step {start} (workdir {workdir}); nothing to do")
+    return {"already_trained": start}
   if start == 0 and config.get("init_from"):
-    state = _from_twin(config, info, module, tx, arch, mesh)
+    state = _from_twin(config, info, module, tx, arch, mesh, _print0)
   meta = {"config": config.to_dict(), "arch": arch, "dataset": info.name}
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
-  _print0(None, f"BITnet {arch} | {n_params:,} parameters | {info.name}: {info.num_train} "
-          f"train / {info.num_test} test | devices: {jax.device_count()} x "
-          f"{jax.devices()[0].platform} ({jax.process_count()} process(es)) | "
-          f"{steps_per_epoch} steps/epoch, {total_steps} total"
-          + (f" | resumed at step {start}" if start else ""))
+  for line in _header(config, info, module, state, resolution, steps_per_epoch, total_steps,
+                      start, workdir):
+    _print0(line)
 
   train_step = make_train_step(module, config, tx, info, mesh)
   eval_step = evaluate_lib.make_eval_step(
@@ -328,25 +340,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logit_scale=config.logit_scale, engine=config.engine,
       chunk=evaluate_lib.chunk_of(config), neuron=twin.neuron_of(config))
   eval_label = "ReLU twin" if twin.neuron_of(config) == "relu" else f"T={config.eval_time_steps}"
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, _print0)
   preempt = _Preemption()
-  bar = _progress(total_steps, start)
+  console = console_lib.Console(total_steps, start)
   window = _Window(start)
   result = {}
   try:
     for step in range(start + 1, total_steps + 1):
-      state, metrics = train_step(state, input_pipeline.shard_batch(next(train_iter), mesh))
+      state, metrics = train_step(state, sharding.shard_batch(next(train_iter), mesh))
       window.add(metrics)
       stop = preempt.agreed()
       end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+      values = None
       if step % config.log_every == 0 or end_of_epoch or stop:
         values = window.close(step, config.batch_size, workdir)
         writer.write(step, "train", values)
-        if bar is not None:
-          bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.3f}",
-                          img_s=f"{values['images_per_s']:.0f}")
-      if bar is not None:
-        bar.update(1)
+      console.step(step, values, step / steps_per_epoch)
       is_best = False
       if step == total_steps or (end_of_epoch and config.eval_every_epochs > 0 and
                                  (step // steps_per_epoch) % config.eval_every_epochs == 0):
@@ -354,9 +363,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                            steps_per_epoch)
         writer.write(step, "eval", {k: v for k, v in result.items() if k != "sparsity"})
         is_best, best_top1 = result["top1"] > best_top1, max(best_top1, result["top1"])
-        _print0(bar, f"step {step} (epoch {result['epoch']:.2f}): top-1 {result['top1']:.4f}, "
-                f"top-5 {result['top5']:.4f}, loss {result['loss']:.4f} ({eval_label}, "
-                f"{result['n']} test images)")
+        console.print(f"step {step} (epoch {result['epoch']:.2f}): test top-1 "
+                      f"{100 * result['top1']:.2f} %, top-5 {100 * result['top5']:.2f} %, loss "
+                      f"{result['loss']:.4f} ({eval_label}, {result['n']:,} test images)")
       if step % config.checkpoint_every == 0 or end_of_epoch or stop:
         window.close(step, config.batch_size, workdir)  # never checkpoint a non-finite state
         ckpts.save(step, state, train_iter.get_state(), dict(meta, best_top1=best_top1),
@@ -365,13 +374,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if stop:
         ckpts.wait()
         result = dict(result, preempted=preempt.signal, saved_step=step)
-        _print0(None, f"{preempt.signal}: saved step {step} to {workdir}; rerun the same "
-                "command to resume")
+        console.print(f"{preempt.signal}: saved step {step} to {workdir}; rerun the same "
+                      "command to resume")
         break
   finally:
+    console.close()
     ckpts.wait()
     ckpts.close()
     preempt.restore()
-    if bar is not None:
-      bar.close()
   return result

@@ -56,7 +56,10 @@ def per_example_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def activations(module: models.BITnet6, params, images: jax.Array) -> list[jax.Array]:
   """The twin's output of each layer on normalised images: ReLU outputs (before pooling) for the
-  convs, the logits for `mlp1`; a list of 6 arrays (B, ...)."""
+  convs, the logits for `mlp1`; a list of 6 arrays (B, ...). A sparse module's twin runs its
+  dense synapses (the sparse kernel is for 0/1 spikes)."""
+  if module.sparse:  # the sparse kernel takes 0/1 spikes; ReLU activations are real-valued
+    module = module.clone(sparse=False)
   synapse = functools.partial(module.apply, {"params": params}, method=module.synapse)
   x, outs = images, []
   for spec in module.plan():

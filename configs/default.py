@@ -26,16 +26,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.neuron = "bddi"               # bddi (the spiking BITnet) | relu (the seed's "Baseline": the same layers
                                   # with ReLU and softmax cross-entropy, one pass; python -m bitnet_jax.baseline)
   c.surrogate = "ste"             # bddi surrogate gradient: ste | triangle | sigmoid | atan [":param"]
-  c.compute_dtype = "float32"     # float32 | bfloat16 | bfloat16x2 | bfloat16x3 (synapses; params and
-                                  # membranes stay float32). bfloat16xN: N bf16 parts of each kernel,
-                                  # float32 sums; x3 spikes agree with float32 (README, "bfloat16")
-  c.matmul_precision = "highest"  # highest | high | default: jax.lax.Precision of every conv and
-                                  # matmul, forward and backward. No effect on CPU. highest: true float32,
-                                  # the release's spikes (slowest on GPU/TPU); default: TF32 on Ampere+
-                                  # GPUs, 1 bf16 pass on TPU (faster; spikes drift as with bfloat16);
-                                  # high: TF32 on GPU, 3 bf16 passes on TPU (README, "Matmul precision")
-  c.synapses = "dense"            # dense | sparse: convs on spikes by a C++ XLA:CPU kernel that skips the
-                                  # zeros (CPU only, float32; needs a C++ compiler; README, "Sparse synapses")
+  # compute_dtype, matmul_precision, synapses (and remat, below) default to "auto": the fast,
+  # accurate path for the platform, resolved once at startup, printed in the run's header and
+  # kept by a resumed run (README, "Defaults: auto"; bitnet_jax/defaults.py). An explicit value
+  # always wins.
+  c.compute_dtype = "auto"        # auto | float32 | bfloat16 | bfloat16x2 | bfloat16x3: the synapses' compute
+                                  # (params and membranes stay float32). auto: float32 on CPU, bfloat16 on
+                                  # GPU/TPU. bfloat16xN: N bf16 parts of each kernel, float32 sums
+  c.matmul_precision = "auto"     # auto | highest | high | default: jax.lax.Precision of every float32 conv
+                                  # and matmul, forward and backward. No effect on CPU. highest: true float32
+                                  # (slowest on GPU/TPU); high/default: TF32 on Ampere+ GPUs; on TPU 3 / 1
+                                  # bf16 passes. auto: highest on CPU, high for float32 on GPU/TPU
+  c.synapses = "auto"             # auto | dense | sparse: convs on spikes by a C++ XLA:CPU kernel that skips the
+                                  # zeros (CPU only, float32; needs a C++ compiler). auto: sparse on CPU when
+                                  # the kernel builds, else dense
 
   # Time steps (bitnet_jax/engines.py).
   c.time_steps = 50               # time steps T per image in training
@@ -43,7 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.engine = "parallel"           # parallel | scan (same results; parallel is faster)
   c.chunk = 0                     # parallel engine: time steps per chunk (bounds memory); 0 = all T at once
   c.eval_chunk = 10               # the same at evaluation (no gradients: chunks cost nothing; every T compiles one chunk)
-  c.remat = "none"                # what backprop keeps: parallel: none | chunk | stream (ste only); scan: none | step | every:K
+  c.remat = "auto"                # what backprop keeps: parallel: none | chunk | stream (ste only); scan: none |
+                                  # step | every:K. auto: stream with parallel + ste (exact, memory flat in T,
+                                  # fastest measured), else none
 
   # Optimisation (bitnet_jax/trainer.py).
   c.loss = "mse_rate"             # mse_rate (the release: MSE of min(counts, T)/T vs one-hot) | xent_rate

@@ -309,9 +309,11 @@ def _cells() -> list:
         resumes from it** (same workdir, same batches as an uninterrupted run). A workdir that
         already holds the finished run is not trained again.
 
-        Precision: `--config.matmul_precision` (default `"highest"`) keeps the convolutions in
-        full float32 on TPU and GPU, which the release's spikes need; a lower precision is faster
-        but moves spikes.
+        No precision or synapse flags are needed: the config's `auto` defaults pick the fast path
+        for this runtime (bfloat16 synapses on a GPU or TPU; float32 with the zero-skipping sparse
+        kernel on a CPU), and the run's header prints what they resolved to, e.g. `compute:
+        bfloat16 synapses, float32 state and parameters, dense synapses (XLA), remat=stream (auto
+        on gpu: Tesla T4)`. An explicit `--config.compute_dtype=...` in `OVERRIDES` wins.
       """),
       _code("train", """
         run(sys.executable, "train.py", "--config", CONFIG_FILE, "--workdir", WORKDIR,

@@ -25,6 +25,7 @@ from PIL import Image
 
 from bitnet_jax import datasets
 from bitnet_jax import input_pipeline
+from bitnet_jax import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -484,17 +485,17 @@ _EIGHT_DEVICES = textwrap.dedent('''
     count = label_sum = 0
     ids = []
     for batch in input_pipeline.create_eval_iter(config, info):
-      sharded = input_pipeline.shard_batch(batch, mesh)
+      sharded = sharding.shard_batch(batch, mesh)
       assert len(sharded['image'].addressable_shards) == 8
       assert sharded['image'].addressable_shards[0].data.shape == (3, 32, 32, 3)
       c, s = count_fn(sharded)
       count, label_sum = count + int(c), label_sum + int(s)
       image, mask = np.asarray(sharded['image']), np.asarray(sharded['mask'])
       ids += (image[:, 16, 16, 0].astype(int) * 256 + image[:, 16, 16, 1])[mask].tolist()
-    train = input_pipeline.shard_batch(next(input_pipeline.create_train_iter(config, info)), mesh)
+    train = sharding.shard_batch(next(input_pipeline.create_train_iter(config, info)), mesh)
     errors = []
     try:
-      input_pipeline.shard_batch({'label': np.zeros(12, np.int32)}, mesh)
+      sharding.shard_batch({'label': np.zeros(12, np.int32)}, mesh)
     except ValueError as e:
       errors.append(str(e))
     try:

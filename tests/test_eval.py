@@ -26,7 +26,7 @@ MESH = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
 def setup():
   config = tiny_config(synthetic_num_test=21, eval_batch_size=8)
   info = datasets.get_dataset_info(config)
-  module = build.make_module(config, info)
+  module = build.make_module(build.resolve(config)[0], info)
   params = module.init(jax.random.PRNGKey(3), np.zeros((1, 32, 32, 3), np.float32))["params"]
   return config, info, module, firing_params(params, gain=2.5)
 

@@ -140,10 +140,39 @@ def _run(cmd, cwd, timeout=180):
   return done.stdout
 
 
+def _fresh_venv(path: Path) -> Path:
+  """A new venv that sees this test's packages (its python's python).
+
+  `venv --system-site-packages` would show the *base* interpreter's site-packages: from inside
+  a venv (how most users run the tests) that is not where jax and the others are, and the base's
+  bundled setuptools may be too old to build a wheel. So the new venv has no pip of its own and a
+  .pth file that appends this interpreter's site-packages to its path: pip, setuptools, jax, ...
+  are this environment's, and `pip install` still installs into the new venv.
+  """
+  _run([sys.executable, "-m", "venv", "--without-pip", path], cwd=path.parent, timeout=120)
+  python = path / "bin" / "python"
+  purelib = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                 cwd=path.parent).strip()
+  ours = [p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]
+  (Path(purelib) / "_outer_site_packages.pth").write_text("\n".join(ours) + "\n")
+  return python
+
+
+def _builds_wheels_offline() -> bool:
+  """Whether this environment's setuptools (seen through the .pth file) can build a wheel: it has
+  bdist_wheel from 70.1 on, older ones need the `wheel` package (Python 3.11's venvs bundle
+  setuptools 65.5 without it)."""
+  if importlib.util.find_spec("setuptools") is None:
+    return False
+  import setuptools  # pylint: disable=import-outside-toplevel
+  version = tuple(int(x) for x in setuptools.__version__.split(".")[:2] if x.isdigit())
+  return version >= (70, 1) or importlib.util.find_spec("wheel") is not None
+
+
 def _pip_install(python, *target):
-  """pip install into the venv without downloads where the test's Python has setuptools (the
-  build backend, seen through --system-site-packages), else with an isolated build from PyPI."""
-  offline = ["--no-index", "--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+  """pip install into the venv without downloads where this environment's setuptools builds
+  wheels, else with an isolated build (setuptools from PyPI)."""
+  offline = ["--no-index", "--no-build-isolation"] if _builds_wheels_offline() else []
   _run([python, "-m", "pip", "install", "-q", "--no-deps", *offline, *target], cwd=target[-1])
 
 
@@ -158,8 +187,7 @@ def test_pip_install_then_run_from_outside_the_repository(tmp_path):
       shutil.copy2(ROOT / name, src / name)
   venv, work = tmp_path / "venv", tmp_path / "work"
   work.mkdir()
-  _run([sys.executable, "-m", "venv", "--system-site-packages", venv], cwd=tmp_path, timeout=120)
-  python = venv / "bin" / "python"
+  python = _fresh_venv(venv)
 
   _pip_install(python, src)
   got = json.loads(_run([python, "-c", PROBE, work], cwd=work).splitlines()[-1])

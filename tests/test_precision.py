@@ -132,7 +132,7 @@ def _abstract_batch(info, train: bool) -> dict:
 @functools.cache
 def lowered_train_step(precision, compute, engine, remat, chunk) -> str:
   config = tiny_config(matmul_precision=precision, compute_dtype=compute, engine=engine,
-                       remat=remat, chunk=chunk)
+                       remat=remat, chunk=chunk, synapses="dense")
   build.validate_config(config)
   info = datasets.get_dataset_info(config)
   step, init = trainer.standalone_train_step(config, info)
@@ -143,8 +143,8 @@ def lowered_train_step(precision, compute, engine, remat, chunk) -> str:
 @functools.cache
 def lowered_eval_step(precision, compute, engine, chunk) -> str:
   config = tiny_config(matmul_precision=precision, compute_dtype=compute, engine=engine,
-                       chunk=chunk)
-  build.validate_config(config)
+                       chunk=chunk, synapses="dense")
+  config, _ = build.resolve(config)
   info = datasets.get_dataset_info(config)
   module = build.make_module(config, info)
   dummy = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
@@ -202,10 +202,12 @@ def test_sparse_dense_reference_is_highest():
 # Settings, errors and old configs.
 
 
-def test_default_is_highest_everywhere():
-  assert default.get_config().matmul_precision == "highest"
+def test_default_is_auto_and_highest_on_cpu():
+  """The config's default is `auto` (README, "Defaults: auto"): `highest` on a CPU (where it
+  changes nothing); the module's and the API's default is `highest` everywhere."""
+  assert default.get_config().matmul_precision == "auto"
   assert models.BITnet6().lax_precision == jax.lax.Precision.HIGHEST
-  config = tiny_config()
+  config, _ = build.resolve(tiny_config())
   module = build.make_module(config, datasets.get_dataset_info(config))
   assert module.lax_precision == jax.lax.Precision.HIGHEST
 
@@ -215,7 +217,8 @@ def test_config_without_the_field_means_highest():
   config = tiny_config()
   del config["matmul_precision"]
   assert "matmul_precision" not in config
-  build.validate_config(config)
+  config, resolution = build.resolve(config, stored=None)
+  assert "matmul_precision" not in resolution.auto  # filled by build.upgrade, not auto
   module = build.make_module(config, datasets.get_dataset_info(config))
   assert module.lax_precision == jax.lax.Precision.HIGHEST
 
@@ -230,7 +233,8 @@ def test_names_map_to_lax_precision(name):
 @pytest.mark.parametrize("bad", ["float32", "HIGHEST", "tensorfloat32", None])
 def test_config_rejects_unknown_precision(bad):
   with pytest.raises(ValueError, match=re.escape(
-      f"config: matmul_precision must be one of ('highest', 'high', 'default'), got {bad!r}")):
+      f"config: matmul_precision must be one of ('auto', 'highest', 'high', 'default'), got "
+      f"{bad!r}")):
     build.validate_config(tiny_config(matmul_precision=bad))
 
 

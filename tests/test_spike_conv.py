@@ -253,7 +253,7 @@ def test_sparse_needs_float32():
   with pytest.raises(ValueError, match="synapses=sparse computes in float32"):
     build.validate_config(config)
   config = _config(synapses="csr")
-  with pytest.raises(ValueError, match="synapses must be dense or sparse, got 'csr'"):
+  with pytest.raises(ValueError, match="synapses must be auto, dense or sparse, got 'csr'"):
     build.validate_config(config)
 
 
@@ -321,7 +321,7 @@ def test_training_with_sparse_synapses(tmp_path):
   """`synapses="sparse"` end to end: the trainer builds a sparse model, trains and evaluates."""
   from test_train import tiny_config  # pylint: disable=import-outside-toplevel
   config = tiny_config(synapses="sparse", num_epochs=1, chunk=1)
-  assert build.make_module(config, datasets.get_dataset_info(config)).sparse
+  assert build.make_module(build.resolve(config)[0], datasets.get_dataset_info(config)).sparse
   result = trainer.train_and_evaluate(config, str(tmp_path))
   assert result["n"] == 20 and 0 <= result["top1"] <= 1
   assert np.isfinite(result["loss"])
