@@ -474,7 +474,7 @@ def test_processes_split_the_global_batches(tmp_path, monkeypatch):
 _EIGHT_DEVICES = textwrap.dedent('''
     import json, sys
     import jax, ml_collections, numpy as np
-    from bitnet_jax import datasets, input_pipeline
+    from bitnet_jax import datasets, input_pipeline, sharding
     assert jax.device_count() == 8
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
     config = ml_collections.ConfigDict(dict(
