@@ -43,6 +43,8 @@ def main(argv=None):
   args = p.parse_args(argv)
 
   config = runpy.run_path(args.config)["get_config"]()
+  config.update(compute_dtype="float32", matmul_precision="highest", synapses="dense")  # the base
+  config, _ = build.resolve(config)
   info = datasets.get_dataset_info(config)
   base = build.make_module(config, info)
   params, meta = checkpointing.load_params(args.workdir, "latest")

@@ -62,6 +62,7 @@ def train_step(args, params, images, labels):
   info = datasets.DatasetInfo(name="synthetic", num_classes=args.classes,
                               image_shape=images.shape[1:], num_train=len(images), num_test=1,
                               mean=compare.CIFAR_MEAN, std=compare.CIFAR_STD)
+  config, _ = build.resolve(config)  # compute_dtype, matmul_precision: this platform's auto
   module = build.make_module(config, info)
   tx = trainer.make_optimizer(config, 1, 1000)
   step = trainer.make_train_step(module, config, tx, info, sharding.data_mesh())

@@ -121,7 +121,7 @@ def check_available():
   ok, why = available()
   if not ok:
     raise RuntimeError(f"sparse synapses (spike_conv) are not available: {why}. "
-                       "Use the dense synapses (the default) instead.")
+                       "Use synapses=dense, or auto (sparse where the kernel runs).")
 
 
 def _dense(x, kernel):

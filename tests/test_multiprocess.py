@@ -189,7 +189,7 @@ def test_evaluation_counts_every_test_image_once(two_processes):
 def test_only_process_0_writes_metrics_and_progress(one_process, two_processes):
   workdir, (out0, out1) = two_processes
   assert len(_records(workdir)) == len(_records(one_process))  # one line per record, not two
-  assert "devices: 2 x cpu (2 process(es))" in out0 and "parameters" in out0
+  assert "devices: 2 x cpu (2 processes)" in out0 and "parameters" in out0
   assert f"{TEST_IMAGES} test images" in out0
   for line in ("parameters", "test images", "step/s", "Traceback"):
     assert line not in out1, f"process 1 printed {line!r}:\n{out1[-3000:]}"

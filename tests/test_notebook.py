@@ -131,7 +131,7 @@ def test_notebook_runs_top_to_bottom(executed):
   assert "INSTALL is False" in text["install"] and "x cpu" in text["install"]
   assert "PREPARE is False: skipped" in text["prepare"]
   # Training ran its 3 steps and printed the final validation.
-  assert re.search(r"step 3 \(epoch [\d.]+\): top-1 [\d.]+, top-5", text["train"]), text["train"]
+  assert re.search(r"step 3 \(epoch [\d.]+\): test top-1 [\d.]+ %, top-5", text["train"]), text["train"]
   assert "64 test images" in text["train"]
   # Evaluation printed top-1 and the sweep table, and the plot was written and displayed.
   assert re.search(r"fashion_mnist: 64 test images, T=2, .*\| top-1 [\d.]+%", text["eval"])

@@ -168,7 +168,7 @@ def test_unprepared_dataset_says_what_to_run(tmp_path):
           "datasets.get_source({'dataset': 'mnist', 'data_dir': ''}, 'train')")
   out = _run(["-c", read], env={"TFDS_DATA_DIR": str(tmp_path)}, timeout=300)
   assert out.returncode != 0
-  assert (f"FileNotFoundError: TFDS dataset 'mnist' is not prepared in {tmp_path} (no "
+  assert (f"DataNotFound: TFDS dataset 'mnist' is not prepared in {tmp_path} (no "
           f"{tmp_path}/mnist/3.0.1/dataset_info.json). Prepare it once (this downloads it, and "
           "needs TensorFlow in that step only):\n"
           f"  python -m bitnet_jax.prepare mnist --data_dir {tmp_path}\n") in out.stderr

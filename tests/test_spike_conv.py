@@ -241,8 +241,8 @@ def test_unavailable_kernel_is_a_clear_error(monkeypatch):
   monkeypatch.setattr(spike_conv, "_register", lambda: "no C++ compiler found (set $CXX)")
   with pytest.raises(RuntimeError, match="sparse synapses .* not available: no C.. compiler"):
     spike_conv.conv(np.zeros((1, 4, 4, 8), np.float32), np.zeros((3, 3, 8, 8), np.float32))
-  config = _config(synapses="sparse")
-  with pytest.raises(RuntimeError, match="no C.. compiler"):
+  config = _config(synapses="sparse")  # explicit: a usage error, one line on the command line
+  with pytest.raises(ValueError, match="config: sparse synapses .* not available: no C.. comp"):
     build.validate_config(config)
 
 

@@ -83,7 +83,7 @@ result["grads"] = {
               calls(input_grad.lower(split_args[1], kernel).compile()))}
 
 config = default.get_config()
-config.update(fs=0.25, time_steps=T, batch_size=B, synapses="sparse")
+config.update(fs=0.25, time_steps=T, batch_size=B, synapses="sparse", remat="none")  # fused
 info = datasets.DatasetInfo(name="x", num_classes=10, image_shape=(32, 32, 3), num_train=100,
                             num_test=10, mean=(0.5,) * 3, std=(0.25,) * 3)
 step, init = trainer.standalone_train_step(config, info)

@@ -33,6 +33,9 @@ def diagnose(name: str, n: int) -> dict:
   config = run_study.make_config(overrides)
   config.max_eval_examples = n
   config.eval_batch_size = 100
+  config.update(compute_dtype="float32", matmul_precision="highest", synapses="dense",
+                remat="none")  # the study's settings (before `auto`)
+  config, _ = build.resolve(config)
   info = datasets.get_dataset_info(config)
   module = build.make_module(config, info)
   params, _ = checkpointing.load_params(os.path.join(run_study.WORKROOT, name), "latest")
