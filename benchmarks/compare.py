@@ -217,7 +217,7 @@ def child_train(args) -> dict:
   """The real train step (`trainer.make_train_step`), SGD with momentum like the baseline."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from bitnet_jax import build, datasets, input_pipeline, sharding, trainer  # pylint: disable=import-outside-toplevel
+  from bitnet_jax import run_config, datasets, input_pipeline, sharding, trainer  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
 
   _, params, images, labels = _load(args)
@@ -230,7 +230,7 @@ def child_train(args) -> dict:
   info = datasets.DatasetInfo(name="synthetic", num_classes=args.classes,
                               image_shape=images.shape[1:], num_train=len(images), num_test=1,
                               mean=CIFAR_MEAN, std=CIFAR_STD)
-  module = build.make_module(config, info)
+  module = run_config.make_module(config, info)
   tx = trainer.make_optimizer(config, 1, 1000)
   mesh = sharding.data_mesh()
   step = trainer.make_train_step(module, config, tx, info, mesh)

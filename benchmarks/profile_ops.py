@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import compare
-from bitnet_jax import build, datasets, input_pipeline, models, sharding, trainer
+from bitnet_jax import run_config, datasets, input_pipeline, models, sharding, trainer
 import bitnet_jax
 from configs import default
 
@@ -62,8 +62,8 @@ def train_step(args, params, images, labels):
   info = datasets.DatasetInfo(name="synthetic", num_classes=args.classes,
                               image_shape=images.shape[1:], num_train=len(images), num_test=1,
                               mean=compare.CIFAR_MEAN, std=compare.CIFAR_STD)
-  config, _ = build.resolve(config)  # compute_dtype, matmul_precision: this platform's auto
-  module = build.make_module(config, info)
+  config, _ = run_config.resolve(config)  # compute_dtype, matmul_precision: this platform's auto
+  module = run_config.make_module(config, info)
   tx = trainer.make_optimizer(config, 1, 1000)
   step = trainer.make_train_step(module, config, tx, info, sharding.data_mesh())
   params = jax.tree_util.tree_map(jnp.asarray, params)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax import build
+from bitnet_jax import run_config
 from bitnet_jax import checkpointing
 from bitnet_jax import datasets
 from bitnet_jax import engines
@@ -136,12 +136,12 @@ def run_evaluation(config, *, workdir: str | None = None, which: str = "best",
   Returns:
     The metrics of `summarize`, plus "checkpoint" (where the parameters came from).
   """
-  config, resolution = build.resolve(config, fidelity=bool(torch_ckpt))
+  config, resolution = run_config.resolve(config, fidelity=bool(torch_ckpt))
   if jax.process_index() == 0:
     for line in (resolution.describe(),) + resolution.notes:
       log(line)
   info = datasets.get_dataset_info(config)
-  module = build.make_module(config, info)
+  module = run_config.make_module(config, info)
   if torch_ckpt:
     params = release.to_flax_params(
         torch_checkpoint.read_state_dict(torch_ckpt), variant=config.variant, fs=config.fs,

@@ -29,7 +29,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bitnet_jax import build
+from bitnet_jax import run_config
 from bitnet_jax import checkpointing
 from bitnet_jax import console as console_lib
 from bitnet_jax import datasets
@@ -110,8 +110,8 @@ def standalone_train_step(config, info: datasets.DatasetInfo):
   Returns:
     (step, init): `step(state, batch)` as in training, and `init(rng) -> TrainState`.
   """
-  config, _ = build.resolve(config)
-  module = build.make_module(config, info)
+  config, _ = run_config.resolve(config)
+  module = run_config.make_module(config, info)
   tx = make_optimizer(config, 100, 1000)
   mesh = sharding.data_mesh()
   return make_train_step(module, config, tx, info, mesh), functools.partial(init_state, module, tx)
@@ -306,9 +306,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     The last validation's metrics; after SIGINT/SIGTERM also "preempted" (the signal) and
     "saved_step".
   """
-  config, resolution = build.resolve(config, stored=checkpointing.stored_config(workdir))
+  config, resolution = run_config.resolve(config, stored=checkpointing.stored_config(workdir))
   info = datasets.get_dataset_info(config)
-  module = build.make_module(config, info)
+  module = run_config.make_module(config, info)
   arch = checkpointing.architecture(module)
   mesh = sharding.data_mesh()
   steps_per_epoch = input_pipeline.steps_per_epoch(config, info)

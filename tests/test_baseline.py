@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bitnet_jax import baseline
-from bitnet_jax import build
+from bitnet_jax import run_config
 from bitnet_jax import checkpointing
 from bitnet_jax import datasets
 from bitnet_jax import evaluate
@@ -123,7 +123,7 @@ def test_baseline_command_prints_the_twin_beside_the_bitnet(tmp_path):
 
 def test_bad_neuron_is_rejected():
   with pytest.raises(ValueError, match="neuron must be one of .*got 'lif'"):
-    build.validate_config(tiny_config(neuron="lif"))
+    run_config.validate_config(tiny_config(neuron="lif"))
   with pytest.raises(ValueError, match="no time steps"):
     evaluate.make_eval_step(None, time_steps=4, mean=(0.,), std=(1.,), neuron="relu",
                             sweep=(2,))
@@ -163,7 +163,7 @@ def test_init_from_a_twin_starts_the_bitnet_from_its_balanced_weights(tmp_path):
   got, _ = checkpointing.load_params(str(bitnet_dir), "latest")
   relu, _ = checkpointing.load_params(str(relu_dir), "latest")
   info = datasets.get_dataset_info(config)
-  module = build.make_module(build.resolve(config)[0], info)
+  module = run_config.make_module(run_config.resolve(config)[0], info)
   images, _ = datasets.get_source(config, "train").read(np.arange(16))
   expected, _ = twin.balance(module, relu, input_pipeline.normalize(
       jnp.asarray(images), info.mean, info.std))
@@ -172,4 +172,4 @@ def test_init_from_a_twin_starts_the_bitnet_from_its_balanced_weights(tmp_path):
   with pytest.raises(ValueError, match="is a BITnet run, not a ReLU twin"):
     trainer.train_and_evaluate(tiny_config(init_from=str(bitnet_dir)), str(tmp_path / "x"))
   with pytest.raises(ValueError, match="init_from must be the workdir of a trained ReLU twin"):
-    build.validate_config(tiny_config(init_from=str(tmp_path / "missing")))
+    run_config.validate_config(tiny_config(init_from=str(tmp_path / "missing")))

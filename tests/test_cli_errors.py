@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from bitnet_jax import build
+from bitnet_jax import run_config
 from bitnet_jax import checkpointing
 from bitnet_jax import datasets
 from bitnet_jax import trainer
@@ -242,8 +242,8 @@ def test_eval_best_falls_back_to_the_latest_readable(workdir, tmp_path):
 
 @pytest.fixture(scope="module")
 def abstract_state():
-  config, _ = build.resolve(tiny_config(checkpoint_every=4))
-  module = build.make_module(config, datasets.get_dataset_info(config))
+  config, _ = run_config.resolve(tiny_config(checkpoint_every=4))
+  module = run_config.make_module(config, datasets.get_dataset_info(config))
   tx = trainer.make_optimizer(config, 8, 16)
   state = jax.eval_shape(lambda: trainer.init_state(module, tx, jax.random.PRNGKey(0)))
   return state, checkpointing.architecture(module)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bitnet_jax import build
+from bitnet_jax import run_config
 from bitnet_jax import defaults
 from bitnet_jax import trainer
 from tests.test_train import ROOT, TINY, tiny_config
@@ -115,7 +115,7 @@ def test_old_configs_are_upgraded_to_what_they_ran():
   """A stored config from before `matmul_precision` existed ran at highest: a resume keeps it,
   even where auto would pick another precision."""
   stored = {"compute_dtype": "float32", "synapses": "dense", "remat": "none"}
-  upgraded = build.upgrade(stored)
+  upgraded = run_config.upgrade(stored)
   assert upgraded["matmul_precision"] == "highest" and upgraded["neuron"] == "bddi"
   resolution = defaults.resolve(tiny_config(), platform="gpu", device_kind="x", stored=upgraded)
   assert resolution.values["matmul_precision"] == "highest"

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from bitnet_jax import build
+from bitnet_jax import run_config
 from bitnet_jax import datasets
 from bitnet_jax import evaluate
 from bitnet_jax import export
@@ -26,7 +26,7 @@ MESH = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
 def setup():
   config = tiny_config(synthetic_num_test=21, eval_batch_size=8)
   info = datasets.get_dataset_info(config)
-  module = build.make_module(build.resolve(config)[0], info)
+  module = run_config.make_module(run_config.resolve(config)[0], info)
   params = module.init(jax.random.PRNGKey(3), np.zeros((1, 32, 32, 3), np.float32))["params"]
   return config, info, module, firing_params(params, gain=2.5)
 

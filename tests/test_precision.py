@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import bitnet_jax
-from bitnet_jax import build
+from bitnet_jax import run_config
 from bitnet_jax import datasets
 from bitnet_jax import evaluate
 from bitnet_jax import models
@@ -133,7 +133,7 @@ def _abstract_batch(info, train: bool) -> dict:
 def lowered_train_step(precision, compute, engine, remat, chunk) -> str:
   config = tiny_config(matmul_precision=precision, compute_dtype=compute, engine=engine,
                        remat=remat, chunk=chunk, synapses="dense")
-  build.validate_config(config)
+  run_config.validate_config(config)
   info = datasets.get_dataset_info(config)
   step, init = trainer.standalone_train_step(config, info)
   state = jax.eval_shape(init, jax.random.PRNGKey(0))
@@ -144,9 +144,9 @@ def lowered_train_step(precision, compute, engine, remat, chunk) -> str:
 def lowered_eval_step(precision, compute, engine, chunk) -> str:
   config = tiny_config(matmul_precision=precision, compute_dtype=compute, engine=engine,
                        chunk=chunk, synapses="dense")
-  config, _ = build.resolve(config)
+  config, _ = run_config.resolve(config)
   info = datasets.get_dataset_info(config)
-  module = build.make_module(config, info)
+  module = run_config.make_module(config, info)
   dummy = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
   params = jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy)["params"]
   step = evaluate.make_eval_step(module, time_steps=STEPS, mean=info.mean, std=info.std,
@@ -207,8 +207,8 @@ def test_default_is_auto_and_highest_on_cpu():
   changes nothing); the module's and the API's default is `highest` everywhere."""
   assert default.get_config().matmul_precision == "auto"
   assert models.BITnet6().lax_precision == jax.lax.Precision.HIGHEST
-  config, _ = build.resolve(tiny_config())
-  module = build.make_module(config, datasets.get_dataset_info(config))
+  config, _ = run_config.resolve(tiny_config())
+  module = run_config.make_module(config, datasets.get_dataset_info(config))
   assert module.lax_precision == jax.lax.Precision.HIGHEST
 
 
@@ -217,9 +217,9 @@ def test_config_without_the_field_means_highest():
   config = tiny_config()
   del config["matmul_precision"]
   assert "matmul_precision" not in config
-  config, resolution = build.resolve(config, stored=None)
-  assert "matmul_precision" not in resolution.auto  # filled by build.upgrade, not auto
-  module = build.make_module(config, datasets.get_dataset_info(config))
+  config, resolution = run_config.resolve(config, stored=None)
+  assert "matmul_precision" not in resolution.auto  # filled by run_config.upgrade, not auto
+  module = run_config.make_module(config, datasets.get_dataset_info(config))
   assert module.lax_precision == jax.lax.Precision.HIGHEST
 
 
@@ -235,7 +235,7 @@ def test_config_rejects_unknown_precision(bad):
   with pytest.raises(ValueError, match=re.escape(
       f"config: matmul_precision must be one of ('auto', 'highest', 'high', 'default'), got "
       f"{bad!r}")):
-    build.validate_config(tiny_config(matmul_precision=bad))
+    run_config.validate_config(tiny_config(matmul_precision=bad))
 
 
 @pytest.mark.parametrize("bad", ["fastest", "bfloat16_3x", None, 2])

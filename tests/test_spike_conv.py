@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import bitnet_jax
-from bitnet_jax import build
+from bitnet_jax import run_config
 from bitnet_jax import datasets
 from bitnet_jax import reference
 from bitnet_jax import release
@@ -243,7 +243,7 @@ def test_unavailable_kernel_is_a_clear_error(monkeypatch):
     spike_conv.conv(np.zeros((1, 4, 4, 8), np.float32), np.zeros((3, 3, 8, 8), np.float32))
   config = _config(synapses="sparse")  # explicit: a usage error, one line on the command line
   with pytest.raises(ValueError, match="config: sparse synapses .* not available: no C.. comp"):
-    build.validate_config(config)
+    run_config.validate_config(config)
 
 
 def test_sparse_needs_float32():
@@ -251,10 +251,10 @@ def test_sparse_needs_float32():
     bitnet_jax.create_model(fs=0.125, num_classes=10, dtype=jnp.bfloat16, sparse=True)
   config = _config(synapses="sparse", compute_dtype="bfloat16")
   with pytest.raises(ValueError, match="synapses=sparse computes in float32"):
-    build.validate_config(config)
+    run_config.validate_config(config)
   config = _config(synapses="csr")
   with pytest.raises(ValueError, match="synapses must be auto, dense or sparse, got 'csr'"):
-    build.validate_config(config)
+    run_config.validate_config(config)
 
 
 @pytest.mark.parametrize("variant,img_size", [("BITnet6", 32), ("BITnet6_v101", 32),
@@ -321,7 +321,7 @@ def test_training_with_sparse_synapses(tmp_path):
   """`synapses="sparse"` end to end: the trainer builds a sparse model, trains and evaluates."""
   from test_train import tiny_config  # pylint: disable=import-outside-toplevel
   config = tiny_config(synapses="sparse", num_epochs=1, chunk=1)
-  assert build.make_module(build.resolve(config)[0], datasets.get_dataset_info(config)).sparse
+  assert run_config.make_module(run_config.resolve(config)[0], datasets.get_dataset_info(config)).sparse
   result = trainer.train_and_evaluate(config, str(tmp_path))
   assert result["n"] == 20 and 0 <= result["top1"] <= 1
   assert np.isfinite(result["loss"])

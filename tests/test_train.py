@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from bitnet_jax import build
+from bitnet_jax import run_config
 from bitnet_jax import checkpointing
 from bitnet_jax import trainer
 from configs import default
@@ -188,7 +188,7 @@ def test_bad_configs_rejected_before_compile(overrides, match, tmp_path):
 def test_batch_must_divide_over_devices():
   out = subprocess.run(
       [sys.executable, "-c", "from tests.test_train import tiny_config; from bitnet_jax import "
-       "build; build.validate_config(tiny_config(batch_size=12))"],
+       "build; run_config.validate_config(tiny_config(batch_size=12))"],
       cwd=ROOT, capture_output=True, text=True, timeout=120,
       env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
   assert "batch_size=12 does not divide over the 8 devices" in out.stderr
@@ -225,7 +225,7 @@ def test_seed_configs_compile_at_full_size(name):
   compile only (abstract inputs), and XLA reports the step's memory."""
   import importlib
   config = importlib.import_module(f"configs.{name}").get_config()
-  build.validate_config(config)
+  run_config.validate_config(config)
   hw = 64 if name == "tiny_imagenet" else 32
   classes = {"cifar10": 10, "cifar100_max": 100, "tiny_imagenet": 200}[name]
   compiled = trainer.compile_train_step(config, _info(name, classes, hw))

@@ -25,7 +25,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 
 import run_study  # pylint: disable=wrong-import-position
-from bitnet_jax import build, checkpointing, datasets, input_pipeline, models, neuron  # pylint: disable=wrong-import-position
+from bitnet_jax import run_config, checkpointing, datasets, input_pipeline, models, neuron  # pylint: disable=wrong-import-position
 
 
 def diagnose(name: str, n: int) -> dict:
@@ -35,9 +35,9 @@ def diagnose(name: str, n: int) -> dict:
   config.eval_batch_size = 100
   config.update(compute_dtype="float32", matmul_precision="highest", synapses="dense",
                 remat="none")  # the study's settings (before `auto`)
-  config, _ = build.resolve(config)
+  config, _ = run_config.resolve(config)
   info = datasets.get_dataset_info(config)
-  module = build.make_module(config, info)
+  module = run_config.make_module(config, info)
   params, _ = checkpointing.load_params(os.path.join(run_study.WORKROOT, name), "latest")
   steps = config.time_steps
 

@@ -1,4 +1,4 @@
-"""What a run is built from its config: the checks, and the module.
+"""The config of a run, read once: its checks, its `auto` fields resolved, and what it builds.
 
 Both the trainer and evaluation build their model here (and the benchmarks too), so neither
 imports the other for it. The device mesh is `sharding.data_mesh()`.
@@ -96,7 +96,7 @@ def make_module(config, info: datasets.DatasetInfo) -> models.BITnet6:
   `info`."""
   if not defaults.is_resolved(config):
     raise ValueError("make_module needs explicit compute_dtype, matmul_precision, synapses and "
-                     "remat: resolve the config's 'auto' fields first (build.resolve)")
+                     "remat: resolve the config's 'auto' fields first (run_config.resolve)")
   h, w, c = info.image_shape
   if h != w:
     raise errors.DataError(f"images must be square, dataset {info.name} has {h}x{w}")
