@@ -58,7 +58,7 @@ def _run_child(args, synapses: str, steps: int, chunk: int) -> dict:
 
 
 def _sparse_available() -> bool:
-  out = subprocess.run([sys.executable, "-c", "from bitnet_jax import spike_conv; "
+  out = subprocess.run([sys.executable, "-c", "from bitnet_jax.kernels import spike_conv; "
                         "print(spike_conv.available()[0])"], cwd=ROOT, capture_output=True,
                        text=True, timeout=600, check=False)
   return out.stdout.strip() == "True"

@@ -22,7 +22,7 @@ from benchmarks import compare
 from bitnet_jax import input_pipeline
 from bitnet_jax import models
 from bitnet_jax import neuron
-from bitnet_jax import spike_conv
+from bitnet_jax.kernels import spike_conv
 
 
 def layer_inputs(module, params, images, steps: int, block: int = 1) -> dict:

@@ -102,7 +102,7 @@ def _cpu_model() -> str:
 
 
 def _sparse_available() -> tuple[bool, str]:
-  from bitnet_jax import spike_conv  # pylint: disable=import-outside-toplevel
+  from bitnet_jax.kernels import spike_conv  # pylint: disable=import-outside-toplevel
   return spike_conv.available()
 
 

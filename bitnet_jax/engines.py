@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from bitnet_jax import neuron
 from bitnet_jax import models
-from bitnet_jax import spike_conv
+from bitnet_jax.kernels import spike_conv
 from bitnet_jax import streaming
 
 ENGINES = ("scan", "parallel")

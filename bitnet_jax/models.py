@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitnet_jax import neuron
-from bitnet_jax import spike_conv
+from bitnet_jax.kernels import spike_conv
 
 LAYERS = ("begin", "layer1", "layer2", "layer3", "layer4", "mlp1")
 IMG_SIZES = (32, 64)

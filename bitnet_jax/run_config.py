@@ -16,7 +16,7 @@ from bitnet_jax import engines
 from bitnet_jax import losses
 from bitnet_jax import models
 from bitnet_jax import neuron
-from bitnet_jax import spike_conv
+from bitnet_jax.kernels import spike_conv
 from bitnet_jax import twin
 
 

@@ -21,7 +21,8 @@ import pytest
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-from bitnet_jax import spike_conv
+from bitnet_jax.kernels import shared_library
+from bitnet_jax.kernels import spike_conv
 
 ROOT = Path(__file__).resolve().parent.parent
 # What pyproject.toml builds from: a copy of these is installed (not the checkout itself, whose
@@ -42,12 +43,12 @@ def tiny_counts():
 # Also builds (or finds) the sparse-synapse kernel from the installed source.
 PROBE = COUNTS + """
 import json, sys
-from bitnet_jax import spike_conv
+from bitnet_jax.kernels import shared_library, spike_conv
 ok, why = spike_conv.available()
 np.save(sys.argv[1] + "/counts.npy", tiny_counts())
-print(json.dumps({"file": bitnet_jax.__file__, "source": str(spike_conv.SOURCE),
-                  "cache": str(spike_conv._cache_dir()), "kernel": [ok, why],
-                  "cached": sorted(p.name for p in spike_conv._cache_dir().glob("*.so"))}))
+print(json.dumps({"file": bitnet_jax.__file__, "source": str(shared_library.SOURCE),
+                  "cache": str(shared_library._cache_dir()), "kernel": [ok, why],
+                  "cached": sorted(p.name for p in shared_library._cache_dir().glob("*.so"))}))
 """
 
 WHERE = "import json, bitnet_jax; print(json.dumps({'file': bitnet_jax.__file__}))"
@@ -193,8 +194,9 @@ def test_pip_install_then_run_from_outside_the_repository(tmp_path):
   got = json.loads(_run([python, "-c", PROBE, work], cwd=work).splitlines()[-1])
   package = Path(got["file"]).parent
   assert package.parent.name == "site-packages" and venv in package.parents, got["file"]
-  assert Path(got["source"]) == package / "csrc" / "spike_conv.cc"
-  assert (package / "csrc" / "spike_conv.cc").read_bytes() == spike_conv.SOURCE.read_bytes()
+  assert Path(got["source"]) == package / "kernels" / "csrc" / "spike_conv.cc"
+  assert (package / "kernels" / "csrc" / "spike_conv.cc").read_bytes() == (
+      shared_library.SOURCE.read_bytes())
   assert Path(got["cache"]) == Path.home() / ".cache" / "bitnet_jax"
 
   namespace = {}

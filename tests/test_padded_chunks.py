@@ -15,7 +15,7 @@ import bitnet_jax
 from bitnet_jax import engines
 from bitnet_jax import reference
 from bitnet_jax import release
-from bitnet_jax import spike_conv
+from bitnet_jax.kernels import spike_conv
 from configs import default
 
 STEPS = 7   # T: chunks of 3 steps are 3 + 3 + 1 (the last padded by 2 masked steps)

@@ -20,7 +20,7 @@ from bitnet_jax import run_config
 from bitnet_jax import datasets
 from bitnet_jax import evaluate
 from bitnet_jax import models
-from bitnet_jax import spike_conv
+from bitnet_jax.kernels import spike_conv
 from bitnet_jax import trainer
 from configs import default
 

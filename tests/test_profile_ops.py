@@ -6,7 +6,7 @@ import re
 import pytest
 
 from benchmarks import profile_ops
-from bitnet_jax import spike_conv
+from bitnet_jax.kernels import spike_conv
 
 _OK, _WHY = spike_conv.available()
 

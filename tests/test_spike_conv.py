@@ -13,7 +13,8 @@ from bitnet_jax import run_config
 from bitnet_jax import datasets
 from bitnet_jax import reference
 from bitnet_jax import release
-from bitnet_jax import spike_conv
+from bitnet_jax.kernels import shared_library
+from bitnet_jax.kernels import spike_conv
 from bitnet_jax import trainer
 from configs import default
 from conftest import firing_params
@@ -238,7 +239,7 @@ def test_conv_rejects_bad_input():
 
 
 def test_unavailable_kernel_is_a_clear_error(monkeypatch):
-  monkeypatch.setattr(spike_conv, "_register", lambda: "no C++ compiler found (set $CXX)")
+  monkeypatch.setattr(shared_library, "register", lambda: "no C++ compiler found (set $CXX)")
   with pytest.raises(RuntimeError, match="sparse synapses .* not available: no C.. compiler"):
     spike_conv.conv(np.zeros((1, 4, 4, 8), np.float32), np.zeros((3, 3, 8, 8), np.float32))
   config = _config(synapses="sparse")  # explicit: a usage error, one line on the command line

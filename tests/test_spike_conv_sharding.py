@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from bitnet_jax import spike_conv
+from bitnet_jax.kernels import spike_conv
 
 _OK, _WHY = spike_conv.available()
 pytestmark = pytest.mark.skipif(not _OK, reason=f"spike_conv kernel unavailable: {_WHY}")
@@ -30,7 +30,8 @@ import json, re
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import bitnet_jax
-from bitnet_jax import datasets, engines, spike_conv, trainer
+from bitnet_jax import datasets, engines, trainer
+from bitnet_jax.kernels import spike_conv
 from configs import default
 
 assert jax.device_count() == 4, jax.devices()

@@ -23,105 +23,20 @@ sums as the forward, so the same spikes), whose vjp is
   the kernel's gradient; rows of g that are zero are skipped.
 
 `neuron`'s backward is elementwise (jnp). Under a jit whose batch is sharded over several
-devices (data parallelism), each device's kernel runs on its own images only
-(`custom_partitioning`, see "Sharding" below); `kernel_grad` then adds the devices' sums.
-
-The kernel is C++ built on first use with the host's compiler (`$CXX`, else `c++`/`g++`;
-`-O3 -march=native`) against the XLA FFI headers that jaxlib ships, and cached in
-`$BITNET_JAX_CACHE` (default `~/.cache/bitnet_jax`) under a hash of its source, jaxlib's version
-and the flags. `available()` says whether it can be used here and why not.
+devices (data parallelism), each device's kernel runs on its own images only (`partition.py`);
+`kernel_grad` then adds the devices' sums. The C++ is built on first use
+(`shared_library.py`): `available()` says whether it can run here and why not.
 """
 
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.custom_partitioning import custom_partitioning
 
 from bitnet_jax import neuron as bitnet_neuron  # this module's `neuron` is the fused op
-
-SOURCE = Path(__file__).parent / "csrc" / "spike_conv.cc"
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
-
-
-def _compiler() -> str | None:
-  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-    if name and shutil.which(name):
-      return shutil.which(name)
-  return None
-
-
-def _cache_dir() -> Path:
-  default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bitnet_jax"
-  return Path(os.environ.get("BITNET_JAX_CACHE", default))
-
-
-def _build(compiler: str) -> Path:
-  """Compiles the kernel (once per source, jaxlib and flags); returns the shared library."""
-  import jaxlib  # pylint: disable=import-outside-toplevel
-  source = SOURCE.read_bytes()
-  key = hashlib.sha256(source + jaxlib.__version__.encode() + " ".join(_FLAGS).encode())
-  lib = _cache_dir() / f"spike_conv-{key.hexdigest()[:16]}.so"
-  if lib.exists():
-    return lib
-  lib.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-    out = Path(tmp) / lib.name
-    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-      raise RuntimeError(f"building the spike_conv kernel failed ({' '.join(cmd)}):\n"
-                         f"{done.stderr[-4000:]}")
-    os.replace(out, lib)  # atomic: a concurrent build never sees half a file
-  return lib
-
-
-@functools.cache
-def _register() -> str | None:
-  """Builds, loads and registers the kernel; returns None on success, else why it cannot run."""
-  if jax.default_backend() != "cpu":
-    return f"it runs on CPU only (the default backend is {jax.default_backend()!r})"
-  if not hasattr(jax, "ffi"):
-    return f"it needs jax.ffi (jax >= 0.5.0), found jax {jax.__version__}"
-  compiler = _compiler()
-  if compiler is None:
-    return "no C++ compiler found (set $CXX, or install g++)"
-  try:
-    lib = _build(compiler)
-  except (OSError, RuntimeError) as e:
-    return str(e)
-  import ctypes  # pylint: disable=import-outside-toplevel
-  handle = ctypes.cdll.LoadLibrary(str(lib))
-  for op, symbol in (("conv", "BitnetSpikeConv"), ("layer", "BitnetSpikeLayer"),
-                     ("neuron", "BitnetSpikeNeuron"), ("sparse_conv", "BitnetSparseConv"),
-                     ("kernel_grad", "BitnetSpikeKernelGrad")):
-    for suffix in ("f32", "f64"):
-      jax.ffi.register_ffi_target(f"bitnet_spike_{op}_{suffix}",
-                                  jax.ffi.pycapsule(getattr(handle, symbol + suffix.upper())),
-                                  platform="cpu")
-  return None
-
-
-def available() -> tuple[bool, str]:
-  """(True, "") when `conv` can run here, else (False, the reason)."""
-  why = _register()
-  return why is None, why or ""
-
-
-def check_available():
-  """Raises RuntimeError saying why `conv` cannot run here."""
-  ok, why = available()
-  if not ok:
-    raise RuntimeError(f"sparse synapses (spike_conv) are not available: {why}. "
-                       "Use synapses=dense, or auto (sparse where the kernel runs).")
+from bitnet_jax.kernels import partition
+from bitnet_jax.kernels.shared_library import available, check_available  # noqa: F401
 
 
 def _dense(x, kernel):
@@ -132,144 +47,13 @@ def _dense(x, kernel):
                                       precision=jax.lax.Precision.HIGHEST)
 
 
-# ------------------------------------------------------------------------------------------
-# Sharding: the kernels see one device's share of the batch.
-#
-# XLA cannot look inside a custom call, so by default it gathers a batch-sharded input onto every
-# device and runs the whole batch there. Each op is therefore wrapped in `custom_partitioning`:
-# the images of a batch are independent, so with the batch dimension sharded over some mesh axes
-# every device calls the kernel on its own images, and everything else (spatial dims, channels,
-# time, the kernel, the bias) is replicated. Outside a sharded jit it is the plain call.
-
-# Per op: the einsum-like Shardy rule (n = the batch, the only factor that may stay sharded; an
-# empty operand is the int32 scalar `valid`), the batch dimension of each operand and of each
-# result (None: replicated). The convolutions take a leading axis of time steps (t), so that
-# the batch of a (T, N, ...) input stays a dimension of its own, which a device can own; the
-# kernel sees the T * N images. `kernel_grad` sums over the batch: each device's call gives the
-# sum over its images, and the partitioned op adds them up (psum) into the replicated result.
-_RULES = {
-    "conv": ("t n h w i, a b i o -> t n h w o", (1, None), (1,)),
-    "sparse_conv": ("t n h w i, a b i o -> t n h w o", (1, None), (1,)),
-    "kernel_grad": ("t n h w i, t n h w o -> a b i o", (1, 1), (None,)),
-    "layer": ("t n h w i, a b i o, o, n h w o, -> t n p q o, n h w o, n",
-              (1, None, None, 0, None), (1, 0, 0)),
-    "neuron": ("n h w c, n h w c, -> t n p q c, n h w c, n", (0, 0, None), (1, 0, 0)),
-}
-
-
-def _ffi(op: str, dtype: np.dtype, pool: bool | None, steps: int | None):
-  """`f(*operands)` calling the kernel of `op` on whatever (per-device) shapes it is given."""
-  name = f"bitnet_spike_{op}_{_SUFFIX[dtype]}"
-
-  def call(*args):
-    if op in ("conv", "sparse_conv"):
-      x, kernel = args                                                   # (T, N, H, W, Ci)
-      flat = x.reshape((-1,) + x.shape[2:])                              # (T * N, H, W, Ci)
-      out = jax.ShapeDtypeStruct(flat.shape[:3] + kernel.shape[3:], x.dtype)
-      out = jax.ffi.ffi_call(name, out, vmap_method="sequential")(flat, kernel)
-      return out.reshape(x.shape[:4] + kernel.shape[3:])                # (T, N, H, W, Co)
-    if op == "kernel_grad":
-      x, g = (a.reshape((-1,) + a.shape[2:]) for a in args)             # (T * N, H, W, C)
-      out = jax.ShapeDtypeStruct((3, 3, x.shape[3], g.shape[3]), g.dtype)
-      return jax.ffi.ffi_call(name, out, vmap_method="sequential")(x, g)
-    if op == "layer":
-      x, state = args[0], args[3]
-      return tuple(jax.ffi.ffi_call(name, _outputs(x.shape[0], state, pool),
-                                    vmap_method="sequential",
-                                    input_output_aliases={3: 1})(*args, pool=pool))
-    state = args[1]
-    return tuple(jax.ffi.ffi_call(name, _outputs(steps, state, pool), vmap_method="sequential",
-                                  input_output_aliases={1: 1})(
-                                      *args, pool=pool, steps=np.int64(steps)))
-  return call
-
-
-def _batch_spec(sharding, dim: int):
-  """`sharding`'s mesh axes of dimension `dim` (None: unsharded or not a NamedSharding)."""
-  spec = getattr(sharding, "spec", None)
-  if spec is None or dim >= len(spec):
-    return None
-  return spec[dim]
-
-
-def _shardings(mesh, axes, shapes, dims):
-  """NamedShardings that shard dimension `dims[k]` of `shapes[k]` over `axes`, nothing else."""
-  out = []
-  for shape, dim in zip(shapes, dims):
-    spec = [None] * len(shape.shape)
-    if dim is not None:
-      spec[dim] = axes
-    out.append(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
-  return tuple(out)
-
-
-@functools.cache
-def _batch_partitioned(op: str, dtype: np.dtype, pool: bool | None = None,
-                       steps: int | None = None):
-  """The kernel of `op` as an op that XLA's SPMD partitioner splits over the batch.
-
-  Args:
-    op: "conv", "layer" or "neuron".
-    dtype: float32 or float64.
-    pool, steps: the static settings of `layer` / `neuron`.
-
-  Returns:
-    `f(*operands)` with the operands and results of the op; under a jit whose batch is sharded,
-    each device's kernel call gets only its shard of the batch (one image per device of a
-    4-image batch on 4 devices), and the results stay sharded the same way; under `jax.vmap`,
-    one call per vmapped element.
-  """
-  rule, in_dims, out_dims = _RULES[op]
-  call = _ffi(op, dtype, pool, steps)
-  partitioned = custom_partitioning(call)
-  single = len(out_dims) == 1  # an op with one result returns it bare, not in a tuple
-
-  def batch_axes(arg_shapes):
-    return _batch_spec(arg_shapes[0].sharding, in_dims[0])
-
-  def results(result_shape):
-    return result_shape if isinstance(result_shape, (tuple, list)) else (result_shape,)
-
-  def infer(mesh, arg_shapes, result_shape):
-    out = _shardings(mesh, batch_axes(arg_shapes), results(result_shape), out_dims)
-    return out[0] if single else out
-
-  def partition(mesh, arg_shapes, result_shape):
-    axes = batch_axes(arg_shapes)
-    out = _shardings(mesh, axes, results(result_shape), out_dims)
-    lower = call
-    if op == "kernel_grad" and axes is not None:
-      lower = lambda *args: jax.lax.psum(call(*args), axes)  # the devices' sums, added
-    return (mesh, lower, out[0] if single else out, _shardings(mesh, axes, arg_shapes, in_dims))
-
-  # Every factor but the batch, in order of first appearance (Shardy wants them sorted so).
-  factors = tuple(dict.fromkeys(rule.replace(",", " ").replace("->", " ").split()))
-  partitioned.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                            need_replication_factors=tuple(f for f in factors if f != "n"))
-
-  # custom_partitioning has no batching rule: under jax.vmap, call it once per vmapped element
-  # (what the plain ffi_call's vmap_method="sequential" did).
-  op_fn = jax.custom_batching.custom_vmap(lambda *args: partitioned(*args))
-
-  @op_fn.def_vmap
-  def _sequential(axis_size, in_batched, *args):
-    del axis_size
-    def one(batched):
-      it = iter(batched)
-      return op_fn(*[next(it) if b else a for a, b in zip(args, in_batched)])
-    out = jax.lax.map(one, [a for a, b in zip(args, in_batched) if b])
-    return out, jax.tree_util.tree_map(lambda _: True, out)
-
-  return op_fn
-
-
 def _over_steps(op: str, x: jax.Array, other: jax.Array) -> jax.Array:
   """The partitioned `op` of x, (N, ...) or (T, N, ...), and `other` (the kernel; for
   `kernel_grad` the cotangent, shaped like x); its result for x's shape."""
   steps = x.ndim == 5
   if not steps:  # one step
     x, other = x[None], other[None] if op == "kernel_grad" else other
-  out = _batch_partitioned(op, np.dtype(other.dtype))(x, other)
+  out = partition.batch_partitioned(op, np.dtype(other.dtype))(x, other)
   return out if steps or op == "kernel_grad" else out[0]
 
 
@@ -296,7 +80,7 @@ def _check(op, x, kernel, *more):
     raise ValueError(f"spike_conv.{op}: expected (N, H, W, Ci) (or (T, N, H, W, Ci)) spikes and "
                      f"a (3, 3, Ci, Co) kernel, got {x.shape} and {kernel.shape}")
   dtypes = {jnp.dtype(a.dtype) for a in (x, kernel, *more)}
-  if len(dtypes) != 1 or dtypes.pop() not in _SUFFIX:
+  if len(dtypes) != 1 or dtypes.pop() not in partition.SUFFIX:
     raise ValueError(f"spike_conv.{op}: all inputs must be float32, or all float64, got "
                      f"{', '.join(str(a.dtype) for a in (x, kernel, *more))}")
   check_available()
@@ -359,7 +143,7 @@ def kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
     raise ValueError(f"spike_conv.kernel_grad: expected (N, H, W, Ci) (or (T, N, H, W, Ci)) "
                      f"spikes and a cotangent of the same shape but its channels, got {x.shape} "
                      f"and {g.shape}")
-  if np.dtype(g.dtype) not in _SUFFIX:
+  if np.dtype(g.dtype) not in partition.SUFFIX:
     raise ValueError(f"spike_conv.kernel_grad: the cotangent must be float32 or float64, got "
                      f"{g.dtype}")
   check_available()
@@ -390,15 +174,6 @@ def _layer_dense(x, kernel, bias, state, pool, surrogate, valid=None, synapse=_d
 def _neuron_dense(pred, state, steps, pool, surrogate, valid=None):
   """What `neuron` computes, in jnp (its backward differentiates this)."""
   return _layer_over_time(state, pool, surrogate, valid, const=pred, length=steps)
-
-
-def _outputs(steps, state, pool):
-  """Shapes of a layer call's (spikes, state, count) for its (N, H, W, C) state."""
-  n, h, w, c = state.shape
-  if pool and (h % 2 or w % 2):
-    raise ValueError(f"spike_conv: pooling needs an even height and width, got {h}x{w}")
-  spikes = (steps, n, h // 2, w // 2, c) if pool else (steps, n, h, w, c)
-  return tuple(jax.ShapeDtypeStruct(shape, state.dtype) for shape in (spikes, state.shape, (n,)))
 
 
 def _check_valid(op: str, valid):
@@ -450,7 +225,7 @@ def _layer(x, kernel, bias, state, valid, pool, surrogate):
   """`layer` after its checks; `valid` may be None (a pytree without leaves)."""
   del surrogate  # the forward does not depend on it
   operands = (x, kernel, bias, state, _valid_operand(valid, x.shape[0]))
-  return tuple(_batch_partitioned("layer", np.dtype(x.dtype), pool)(*operands))
+  return tuple(partition.batch_partitioned("layer", np.dtype(x.dtype), pool)(*operands))
 
 
 def _layer_fwd(x, kernel, bias, state, valid, pool, surrogate):
@@ -481,7 +256,7 @@ def neuron(pred, state, steps: int, pool: bool, surrogate: str, valid=None):
     (spikes, state, count) as in `layer`.
   """
   if pred.ndim != 4 or pred.shape != state.shape or pred.dtype != state.dtype or (
-      np.dtype(pred.dtype) not in _SUFFIX):
+      np.dtype(pred.dtype) not in partition.SUFFIX):
     raise ValueError(f"spike_conv.neuron: expected (N, H, W, C) pred and state of one dtype, "
                      f"float32 or float64, got {pred.shape} {pred.dtype} and {state.shape} "
                      f"{state.dtype}")
@@ -496,7 +271,7 @@ def neuron(pred, state, steps: int, pool: bool, surrogate: str, valid=None):
 def _neuron(pred, state, valid, steps, pool, surrogate):
   """`neuron` after its checks."""
   del surrogate  # the forward does not depend on it
-  return tuple(_batch_partitioned("neuron", np.dtype(pred.dtype), pool, steps)(
+  return tuple(partition.batch_partitioned("neuron", np.dtype(pred.dtype), pool, steps)(
       pred, state, _valid_operand(valid, steps)))
 
 

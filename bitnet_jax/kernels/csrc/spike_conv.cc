@@ -630,57 +630,67 @@ ffi::Error SpikeNeuronHandler(ffi::ThreadPool pool, ffi::Buffer<D> pred, ffi::Bu
 
 }  // namespace
 
-#define BITNET_SPIKE_NEURON(name, D)                                  \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, SpikeNeuronHandler<D>,          \
-                                ffi::Ffi::Bind()                      \
-                                    .Ctx<ffi::ThreadPool>()           \
-                                    .Arg<ffi::Buffer<D>>()            \
-                                    .Arg<ffi::Buffer<D>>()            \
-                                    .Arg<ffi::Buffer<ffi::S32>>()     \
-                                    .Attr<bool>("pool")               \
-                                    .Attr<int64_t>("steps")           \
-                                    .Ret<ffi::Buffer<D>>()            \
-                                    .Ret<ffi::Buffer<D>>()            \
-                                    .Ret<ffi::Buffer<D>>());
-BITNET_SPIKE_NEURON(BitnetSpikeNeuronF32, ffi::F32)
-BITNET_SPIKE_NEURON(BitnetSpikeNeuronF64, ffi::F64)
+// The bindings: what each handler receives (its context, operands and attributes) and returns.
+// Every layer op returns (spikes, state, counts) of the layer's dtype.
+template <ffi::DataType D, typename Binding>
+auto WithLayerResults(Binding&& binding) {
+  return std::move(binding)
+      .template Ret<ffi::Buffer<D>>()
+      .template Ret<ffi::Buffer<D>>()
+      .template Ret<ffi::Buffer<D>>();
+}
 
-#define BITNET_SPIKE_LAYER(name, D)                                   \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, SpikeLayerHandler<D>,           \
-                                ffi::Ffi::Bind()                      \
-                                    .Ctx<ffi::ThreadPool>()           \
-                                    .Arg<ffi::Buffer<D>>()            \
-                                    .Arg<ffi::Buffer<D>>()            \
-                                    .Arg<ffi::Buffer<D>>()            \
-                                    .Arg<ffi::Buffer<D>>()            \
-                                    .Arg<ffi::Buffer<ffi::S32>>()     \
-                                    .Attr<bool>("pool")               \
-                                    .Ret<ffi::Buffer<D>>()            \
-                                    .Ret<ffi::Buffer<D>>()            \
-                                    .Ret<ffi::Buffer<D>>());
-BITNET_SPIKE_LAYER(BitnetSpikeLayerF32, ffi::F32)
-BITNET_SPIKE_LAYER(BitnetSpikeLayerF64, ffi::F64)
+template <ffi::DataType D>
+auto NeuronBinding() {  // pred, state, valid; pool, steps
+  return WithLayerResults<D>(ffi::Ffi::Bind()
+                                 .template Ctx<ffi::ThreadPool>()
+                                 .template Arg<ffi::Buffer<D>>()
+                                 .template Arg<ffi::Buffer<D>>()
+                                 .template Arg<ffi::Buffer<ffi::S32>>()
+                                 .template Attr<bool>("pool")
+                                 .template Attr<int64_t>("steps"));
+}
 
-#define BITNET_SPIKE_CONV(name, D, VALUED)                            \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (SpikeConvHandler<D, VALUED>),  \
-                                ffi::Ffi::Bind()                      \
-                                    .Ctx<ffi::ThreadPool>()           \
-                                    .Arg<ffi::Buffer<D>>()            \
-                                    .Arg<ffi::Buffer<D>>()            \
-                                    .Ret<ffi::Buffer<D>>());
-BITNET_SPIKE_CONV(BitnetSpikeConvF32, ffi::F32, false)
-BITNET_SPIKE_CONV(BitnetSpikeConvF64, ffi::F64, false)
+template <ffi::DataType D>
+auto LayerBinding() {  // spikes, kernel, bias, state, valid; pool
+  return WithLayerResults<D>(ffi::Ffi::Bind()
+                                 .template Ctx<ffi::ThreadPool>()
+                                 .template Arg<ffi::Buffer<D>>()
+                                 .template Arg<ffi::Buffer<D>>()
+                                 .template Arg<ffi::Buffer<D>>()
+                                 .template Arg<ffi::Buffer<D>>()
+                                 .template Arg<ffi::Buffer<ffi::S32>>()
+                                 .template Attr<bool>("pool"));
+}
+
+template <ffi::DataType In, ffi::DataType D>
+auto ConvBinding() {  // x (In), kernel or cotangent (D) -> D
+  return ffi::Ffi::Bind()
+      .template Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<In>>()
+      .template Arg<ffi::Buffer<D>>()
+      .template Ret<ffi::Buffer<D>>();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetSpikeNeuronF32, SpikeNeuronHandler<ffi::F32>,
+                              NeuronBinding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetSpikeNeuronF64, SpikeNeuronHandler<ffi::F64>,
+                              NeuronBinding<ffi::F64>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetSpikeLayerF32, SpikeLayerHandler<ffi::F32>,
+                              LayerBinding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetSpikeLayerF64, SpikeLayerHandler<ffi::F64>,
+                              LayerBinding<ffi::F64>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetSpikeConvF32, (SpikeConvHandler<ffi::F32, false>),
+                              (ConvBinding<ffi::F32, ffi::F32>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetSpikeConvF64, (SpikeConvHandler<ffi::F64, false>),
+                              (ConvBinding<ffi::F64, ffi::F64>()));
 // The same convolution of any input, each nonzero entry's row times its value: the input
 // gradient of a convolution, from its output's cotangent (mostly zeros) and the flipped kernel.
-BITNET_SPIKE_CONV(BitnetSparseConvF32, ffi::F32, true)
-BITNET_SPIKE_CONV(BitnetSparseConvF64, ffi::F64, true)
-
-#define BITNET_SPIKE_KERNEL_GRAD(name, D)                             \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, SpikeKernelGradHandler<D>,      \
-                                ffi::Ffi::Bind()                      \
-                                    .Ctx<ffi::ThreadPool>()           \
-                                    .Arg<ffi::Buffer<ffi::PRED>>()    \
-                                    .Arg<ffi::Buffer<D>>()            \
-                                    .Ret<ffi::Buffer<D>>());
-BITNET_SPIKE_KERNEL_GRAD(BitnetSpikeKernelGradF32, ffi::F32)
-BITNET_SPIKE_KERNEL_GRAD(BitnetSpikeKernelGradF64, ffi::F64)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetSparseConvF32, (SpikeConvHandler<ffi::F32, true>),
+                              (ConvBinding<ffi::F32, ffi::F32>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetSparseConvF64, (SpikeConvHandler<ffi::F64, true>),
+                              (ConvBinding<ffi::F64, ffi::F64>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetSpikeKernelGradF32, SpikeKernelGradHandler<ffi::F32>,
+                              (ConvBinding<ffi::PRED, ffi::F32>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetSpikeKernelGradF64, SpikeKernelGradHandler<ffi::F64>,
+                              (ConvBinding<ffi::PRED, ffi::F64>()));
