@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitnet_jax import layers
 from bitnet_jax import neuron
 from bitnet_jax.kernels import spike_conv
 
@@ -193,7 +194,8 @@ class BITnet6(nn.Module):
     return out + bias
 
   def __call__(self, images: jax.Array) -> jax.Array:
-    """One time step from rest (all states 0); used to initialise the parameters.
+    """One time step from rest (all states 0), through the layer contract (`layers.py`); used to
+    initialise the parameters.
 
     Args:
       images: (B, H, W, C) normalised images.
@@ -201,11 +203,11 @@ class BITnet6(nn.Module):
     Returns:
       (B, num_classes) spikes of the last layer at the first step.
     """
-    x = images
-    for spec in self.plan():
-      spike = (jnp.clip(self.synapse(spec.name, x), 0, 1) >= 1).astype(self.state_dtype)
-      x = neuron.maxpool(spike) if spec.pool else spike
-    return x
+    plan = self.plan()
+    runs = tuple(layers.dense(spec, self.synapse, self.surrogate) for spec in plan)
+    rest = layers.rest(plan, images.shape[0], self.state_dtype)
+    _, out, _ = layers.through(runs, self.synapse("begin", images), rest, 1)
+    return out[0]
 
 
 class BITnet6_v101(BITnet6):  # pylint: disable=invalid-name

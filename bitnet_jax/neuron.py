@@ -172,7 +172,8 @@ def bddi(state: jax.Array, pred: jax.Array, surrogate: "str | Surrogate" = "ste"
 
 
 # ------------------------------------------------------------------------------------------
-# A layer of neurons through time: the one helper every engine and fused kernel reference uses.
+# A layer of neurons through time: the dense backend of the layer contract (`layers.py`) and the
+# fused kernels' reference (their vjp differentiates it).
 
 
 def _reduce_max(x: jax.Array) -> jax.Array:
@@ -254,6 +255,10 @@ def over_time(state: jax.Array, surrogate: Surrogate, preds: "jax.Array | None" 
     spike, s = fire(s, const if pred is None else pred)
     return s, spike
 
+  n = length if preds is None else preds.shape[0]
+  if valid is None and n == 1:  # one step (the scan engine's): no loop
+    state, spike = step(state, None if preds is None else preds[0])
+    return spike[None], state
   if valid is None:
     state, spikes = jax.lax.scan(step, state, preds, length=length)
     return spikes, state
@@ -264,7 +269,6 @@ def over_time(state: jax.Array, surrogate: Surrogate, preds: "jax.Array | None" 
     on = t < valid                                           # () bool: a step that runs
     return jnp.where(on, new_s, s), jnp.where(on, spike, jnp.zeros((), spike.dtype))
 
-  n = length if preds is None else preds.shape[0]
   state, spikes = jax.lax.scan(masked_step, state, (preds, jnp.arange(n, dtype=jnp.int32)))
   return spikes, state
 

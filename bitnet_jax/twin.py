@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bitnet_jax import layers
 from bitnet_jax import models
-from bitnet_jax import neuron
 
 NEURONS = ("bddi", "relu")
 
@@ -44,9 +44,8 @@ def forward(module: models.BITnet6, params, images: jax.Array):
     of units with a non-zero activation per image (the twin's counterpart of the spike totals;
     for the last layer, of logits > 0).
   """
-  outs = activations(module, params, images)
-  active = [jnp.sum(out > 0, axis=tuple(range(1, out.ndim))) for out in outs]  # (B,) each
-  return outs[-1], jnp.stack(active, -1).astype(outs[-1].dtype)
+  _, out, active = _through(module, params, images)
+  return out[0], active
 
 
 def per_example_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -56,19 +55,21 @@ def per_example_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def activations(module: models.BITnet6, params, images: jax.Array) -> list[jax.Array]:
   """The twin's output of each layer on normalised images: ReLU outputs (before pooling) for the
-  convs, the logits for `mlp1`; a list of 6 arrays (B, ...). A sparse module's twin runs its
-  dense synapses (the sparse kernel is for 0/1 spikes)."""
-  if module.sparse:  # the sparse kernel takes 0/1 spikes; ReLU activations are real-valued
+  convs, the logits for `mlp1`; a list of 6 arrays (B, ...)."""
+  acts, _, _ = _through(module, params, images)
+  return list(acts)
+
+
+def _through(module, params, images):
+  """The twin's layers (`layers.relu`) through the layer contract with n = 1. A sparse module's
+  twin runs its dense synapses (the sparse kernel is for 0/1 spikes)."""
+  if module.sparse:
     module = module.clone(sparse=False)
   synapse = functools.partial(module.apply, {"params": params}, method=module.synapse)
-  x, outs = images, []
-  for spec in module.plan():
-    out = synapse(spec.name, x)
-    if spec.name != "mlp1":
-      out = jax.nn.relu(out)
-    outs.append(out)
-    x = neuron.maxpool(out) if spec.pool else out
-  return outs
+  plan = module.plan()
+  runs = tuple(layers.relu(spec, synapse) for spec in plan)
+  rest = layers.rest(plan, images.shape[0], module.state_dtype)
+  return layers.through(runs, synapse("begin", images), rest, 1)
 
 
 def balance(module: models.BITnet6, params, images: jax.Array, percentile: float = 99.9):

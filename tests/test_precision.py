@@ -92,7 +92,7 @@ def check_precision(ops: list[Op], name: str) -> dict:
   """Asserts the precision of every op; returns the op counts by kind.
 
   Every convolution and dot must carry `name`'s precision on both operands, except the sums
-  over a leading axis that `streaming._sum_leading` writes as a product with a ones vector (a
+  over a leading axis that `lean._sum_leading` writes as a product with a ones vector (a
   rank-1 first operand): those stay HIGHEST whatever the setting.
   """
   want = NAMES[name]

@@ -1,4 +1,4 @@
-"""remat="stream" (streaming backprop, bitnet_jax/streaming.py): the same spikes and gradients as
+"""remat="stream" (streaming backprop, bitnet_jax/lean.py): the same spikes and gradients as
 the reference engines, memory that does not grow with the time steps, and its building blocks."""
 
 import functools
@@ -12,7 +12,7 @@ import bitnet_jax
 from bitnet_jax import datasets
 from bitnet_jax import engines
 from bitnet_jax import neuron
-from bitnet_jax import streaming
+from bitnet_jax import lean
 from bitnet_jax import trainer
 from configs import default
 
@@ -78,8 +78,13 @@ def test_stream_rejects_other_surrogates(tiny_model, images, surrogate):
 
 
 def test_stream_is_a_parallel_engine_option_only():
-  assert engines.parse_remat("parallel", "stream", "ste") == "stream"
-  assert engines.parse_remat("parallel", "stream") == "stream"  # surrogate unknown: run checks
+  assert engines.parse_remat("parallel", "stream", "ste") == engines.Remat("stream")
+  assert engines.parse_remat("parallel", "stream") == engines.Remat("stream")  # run checks it
+  every = engines.parse_remat("scan", "every:4")
+  assert every == engines.Remat("every", 4) and str(every) == "every:4"
+  for bad in ("every:0", "every:x", "chunk", None):
+    with pytest.raises(ValueError, match="is not valid for engine 'scan'"):
+      engines.parse_remat("scan", bad)
   with pytest.raises(ValueError, match="remat='stream' is not valid for engine 'scan'"):
     engines.parse_remat("scan", "stream")
 
@@ -118,8 +123,8 @@ def test_conv_gradients_match_autodiff():
   conv = lambda x, k: jax.lax.conv_general_dilated(
       x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
   g_x, g_k = jax.vjp(conv, x.astype(jnp.float32), k)[1](g)
-  np.testing.assert_allclose(streaming._kernel_grad_taps(x, g), g_k, rtol=1e-5, atol=1e-5)  # pylint: disable=protected-access
-  np.testing.assert_allclose(streaming._conv_input_grad(g, k, jnp.float32), g_x, rtol=1e-5,  # pylint: disable=protected-access
+  np.testing.assert_allclose(lean._kernel_grad_taps(x, g), g_k, rtol=1e-5, atol=1e-5)  # pylint: disable=protected-access
+  np.testing.assert_allclose(lean._conv_input_grad(g, k, jnp.float32), g_x, rtol=1e-5,  # pylint: disable=protected-access
                              atol=1e-5)
 
 

@@ -1,28 +1,29 @@
-"""The lean layers of streaming backprop (`remat="stream"`, `ste` surrogate only).
+"""The lean `ste` backend of the layer contract (`layers.py`), for `remat="stream"`.
 
-`engines.run(..., engine="parallel", remat="stream")` runs the chunk loop of `engines.py` with
-these layers inside a `custom_vjp` whose backward re-runs the chunks one at a time (training
-memory independent of T). Why that is exact: with the `ste` surrogate the neuron's backward
-ignores the membrane's cotangent (d state'/d c = 0, see `neuron.py`), so no gradient crosses
-from one time step to the next, and the gradient of a run is the sum over chunks of each chunk's
-own vjp, given the membrane states at the chunk's start. Other surrogates pass gradient through
-the membrane across chunks; `stream` rejects them (`check_surrogate`).
+`engines.run(..., engine="parallel", remat="stream")` runs the chunk loop with these layers inside
+a `custom_vjp` whose backward re-runs the chunks one at a time (training memory independent of
+T). Why that is exact: with the `ste` surrogate the neuron's backward ignores the membrane's
+cotangent (d state'/d c = 0, see `neuron.py`), so no gradient crosses from one time step to the
+next, and the gradient of a run is the sum over chunks of each chunk's own vjp, given the
+membrane states at the chunk's start. Other surrogates pass gradient through the membrane across
+chunks; `stream` rejects them (`check_surrogate`).
 
 Inside a chunk, two small `custom_vjp`s keep the backward lean and loop-friendly (and
-`neuron.maxpool` a third, in every engine):
+`neuron.maxpool` a third, in every backend):
 
 - `_spike_synapse` (a conv or the linear layer on 0/1 spikes) keeps its input as `bool` (one
   byte instead of four) for the weight gradient; it computes the input gradient as a plain
   forward convolution with the flipped kernel (autodiff's transposed convolution runs 4-5x
   slower inside a loop body on XLA:CPU, jax issue #12868) and, on CPU, the weight gradient as
   nine shifted matrix products (XLA:CPU's convolution-backprop-filter is 2-5x slower at these
-  shapes, and slower still in a loop);
+  shapes, and slower still in a loop). A sparse module's synapse is `kernels.spike_conv.conv`,
+  whose own vjp skips zeros;
 - `_neuron_over_time` keeps the neuron's clip window as `bool` and differentiates elementwise:
-  under `ste` nothing crosses time steps, so no reverse scan is needed.
+  under `ste` nothing crosses time steps, so no reverse scan is needed. It is the `ste` case of
+  `neuron.over_time`'s backward (autodiff of the per-step `bddi`), written without the loop.
 
-Both give the autodiff results (the convolution gradients up to float summation order).
-
-`layer_runs` gives them in the engine's per-layer contract.
+Both give the autodiff results (the convolution gradients up to float summation order; tested
+over their whole domains: 0/1 inputs for the synapse, any pred for the neuron).
 """
 
 import functools
@@ -30,7 +31,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from bitnet_jax import models
 from bitnet_jax import neuron
 
 
@@ -208,12 +208,8 @@ def _neuron_over_time_bwd(length, surrogate, residual, cotangents):
 _neuron_over_time.defvjp(_neuron_over_time_fwd, _neuron_over_time_bwd)
 
 
-def layer_runs(module: models.BITnet6, params) -> tuple:
-  """The lean layers of `module`, in the contract of the engine's chunk loop
-  (`engines._chunk`): per layer, `(x, state, n, valid) -> (output, state, spikes per image)`,
-  where x is its input spikes (n, B, ...) (for `begin`, its constant pred (B, ...)), output its
-  (pooled) spikes (n, B, ...), and valid None or the int32 number of steps that run (the rest
-  are masked: `neuron.over_time`).
+def runs(module, params) -> tuple:
+  """The lean layers of `module` in the layer contract (`layers.py`).
 
   Args:
     module: a BITnet module whose surrogate is `ste`.
