@@ -5,7 +5,7 @@ weights OIHW and ``mlp1``'s weight as ``(num_classes, C*H*W)`` over a ``(C, H, W
 under keys ``model.<layer>.layer.weight|bias``; our Flax parameters are HWIO and
 ``(H*W*C, num_classes)`` over an ``(H, W, C)`` flattening (docs/INTERFACES.md).
 
-Reading the file safely is `torch_checkpoint.py`; writing one is `export.py`.
+Reading the file safely is `torch_reader.py`; writing one is `torch_writer.py`.
 
 Example:
   >>> model = load_torch_checkpoint('cifar10_bitnet6.ckpt', fs=4, num_classes=10)
@@ -20,7 +20,7 @@ import numpy as np
 
 from bitnet_jax import api
 from bitnet_jax import models
-from bitnet_jax import torch_checkpoint
+from bitnet_jax.interop import torch_reader
 
 LAYERS = models.LAYERS
 CONV_LAYERS = LAYERS[:-1]
@@ -198,18 +198,18 @@ def load_torch_checkpoint(path, *, variant: str = "BITnet6", fs: float, num_clas
     img_size: 32 (CIFAR) or 64 (Tiny-ImageNet).
     in_channels: image channels.
     surrogate: surrogate gradient for fine-tuning (does not change the forward pass).
-    strict: see `torch_checkpoint.load_checkpoint`.
+    strict: see `torch_reader.load_checkpoint`.
     **create_kwargs: passed on to `bitnet_jax.create_model` (e.g. ``dtype``).
 
   Returns:
     ``create_model(variant, fs=..., ..., params=params)``: a `bitnet_jax.Model`.
 
   Raises:
-    FileNotFoundError, CheckpointFormatError, UnsafeCheckpointError: see
-      `torch_checkpoint.read_state_dict`.
+    CheckpointError, CheckpointFormatError, UnsafeCheckpointError: see
+      `torch_reader.read_state_dict`.
     ValueError: the weights do not fit the requested architecture.
   """
-  state_dict = torch_checkpoint.read_state_dict(path, strict=strict)
+  state_dict = torch_reader.read_state_dict(path, strict=strict)
   params = to_flax_params(state_dict, variant=variant, fs=fs, num_classes=num_classes,
                           img_size=img_size, in_channels=in_channels)
   # create_model checks the converted tree against the module's own shapes (no random init).
