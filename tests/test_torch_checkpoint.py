@@ -153,7 +153,8 @@ def test_real_torch_save_of_lightning_like_checkpoint(tmp_path):
   assert_same_state_dict(interop.read_state_dict(path), sd)
   full = interop.load_checkpoint(path)
   assert full["hyper_parameters"] == {"fs": FS, "dataset": "cifar10", "lr": 1e-3, "steps": 50}
-  assert isinstance(full["hyper_parameters"], dict)
+  hparams = full["hyper_parameters"]  # in the file: an argparse.Namespace holding an np.float64
+  assert type(hparams) is interop.HParams and type(hparams["lr"]) is np.float64
   np.testing.assert_allclose(full["callbacks"][
       "ModelCheckpoint{'monitor': 'val_acc', 'mode': 'max'}"]["best_model_score"], 0.9437)
   params = interop.to_flax_params(interop.read_state_dict(path), fs=FS, num_classes=10)
