@@ -1,7 +1,7 @@
 """Side by side on one machine: bitnet-jax against the PyTorch baseline (torch_baseline.py).
 
 Both sides run the same network with the same weights on the same batch: this script writes the
-weights once (an .npz in the release's layout, `release.to_torch_state_dict`) and runs
+weights once (an .npz in the release's layout, `interop.to_torch_state_dict`) and runs
 every configuration in its own process, so that compile caches, thread pools and peak RSS do not
 leak from one measurement into the next. It prints one markdown table (and --json writes the raw
 numbers).
@@ -188,7 +188,7 @@ def batch_path(batch_dir: str, batch: int) -> str:
 def child_weights(args) -> dict:
   """Writes one batch per --batch, the calibrated weights (release layout, calibrated on the
   first batch's first 8 images) and returns the model's forward FLOPs per time step and image."""
-  from bitnet_jax import release  # pylint: disable=import-outside-toplevel
+  from bitnet_jax import interop  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   calibration_images = None
   for batch in _ints(args.batch):
@@ -197,15 +197,15 @@ def child_weights(args) -> dict:
     calibration_images = images[:8] if calibration_images is None else calibration_images
   params, sparsity = calibrate(args.fs, args.classes, calibration_images, gain=args.gain,
                                steps=args.steps, seed=args.seed)
-  np.savez(args.weights, **release.to_torch_state_dict(params))
+  np.savez(args.weights, **interop.to_torch_state_dict(params))
   return {"sparsity": [float(s) for s in sparsity], "seconds": time.perf_counter() - t0,
           "forward_flops": model_flops(args.fs, classes=args.classes, steps=1, mode="eval")}
 
 
 def _load(args):
-  from bitnet_jax import models, release  # pylint: disable=import-outside-toplevel
+  from bitnet_jax import interop, models  # pylint: disable=import-outside-toplevel
   with np.load(args.weights) as f:
-    params = release.to_flax_params(dict(f), fs=args.fs, num_classes=args.classes)
+    params = interop.to_flax_params(dict(f), fs=args.fs, num_classes=args.classes)
   with np.load(batch_path(args.batch_dir, int(args.batch))) as f:
     images, labels = f["images"], f["labels"]
   module = models.BITnet6(fs=args.fs, num_classes=args.classes, sparse=args.synapse == "sparse",

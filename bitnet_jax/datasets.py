@@ -55,7 +55,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from bitnet_jax import errors
-from bitnet_jax import torch_checkpoint
+from bitnet_jax.interop import safe_pickle
 
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "mnist", "tiny_imagenet", "npz",
             "synthetic")
@@ -505,7 +505,7 @@ def _read_cifar_pickle(path: str, label_key: str, num_classes: int) -> tuple[np.
   """Reads one CIFAR python batch: images uint8 (N, 32, 32, 3), labels int32 (N,)."""
   try:
     with open(path, "rb") as f:
-      batch = torch_checkpoint.load_pickle(f, encoding="bytes")  # the one safe unpickler
+      batch = safe_pickle.load_pickle(f, encoding="bytes")  # the one safe unpickler
   except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
     raise errors.DataError(f"Cannot read CIFAR batch {path} (truncated or not a CIFAR python "
                      f"pickle): {e}") from e

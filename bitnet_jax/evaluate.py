@@ -14,10 +14,9 @@ from bitnet_jax import checkpointing
 from bitnet_jax import datasets
 from bitnet_jax import engines
 from bitnet_jax import input_pipeline
+from bitnet_jax import interop
 from bitnet_jax import sharding
 from bitnet_jax import losses
-from bitnet_jax import release
-from bitnet_jax import torch_checkpoint
 from bitnet_jax import twin
 
 SCORES = ("count", "potential")
@@ -143,8 +142,8 @@ def run_evaluation(config, *, workdir: str | None = None, which: str = "best",
   info = datasets.get_dataset_info(config)
   module = run_config.make_module(config, info)
   if torch_ckpt:
-    params = release.to_flax_params(
-        torch_checkpoint.read_state_dict(torch_ckpt), variant=config.variant, fs=config.fs,
+    params = interop.to_flax_params(
+        interop.read_state_dict(torch_ckpt), variant=config.variant, fs=config.fs,
         num_classes=info.num_classes, img_size=module.img_size, in_channels=module.in_channels)
     source = torch_ckpt
   elif workdir:

@@ -1,6 +1,7 @@
-"""Bad input through the real train.py and eval.py: each expected mistake ends in one clear line
-(`error: ...`, exit status 2 for usage, 1 otherwise) and no traceback, and leaves the workdir as
-it was; a damaged checkpoint is skipped, named and kept, for every item of a checkpoint."""
+"""Bad input through the real train.py, eval.py and export command: each expected mistake ends
+in one clear line (`error: ...`, exit status 2 for usage, 1 otherwise) and no traceback, and
+leaves the workdir as it was; a damaged checkpoint is skipped, named and kept, for every item of
+a checkpoint."""
 
 import glob
 import hashlib
@@ -16,11 +17,13 @@ import pytest
 from bitnet_jax import run_config
 from bitnet_jax import checkpointing
 from bitnet_jax import datasets
+from bitnet_jax import interop
 from bitnet_jax import trainer
 from tests.test_train import ROOT, TINY, tiny_config
 
 
 def _run(script, *args, timeout=300):
+  """Runs `python script *args` (script may be "-m" and args a module's name and flags)."""
   out = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
                        timeout=timeout)
   return out.returncode, out.stdout, out.stderr
@@ -137,6 +140,28 @@ def test_missing_or_empty_workdir(tmp_path):
   _one_error_line(*_run("eval.py", *CONFIG, "--workdir", str(tmp_path / "empty")), 1,
                   "no checkpoint in", "train first")
   assert os.listdir(tmp_path / "empty") == []
+
+
+def test_release_checkpoint_mistakes(tmp_path):
+  """eval.py --torch_checkpoint on a missing, damaged or mismatched .ckpt, and the export command
+  on a missing workdir: one line each."""
+  bad = tmp_path / "bad.ckpt"
+  bad.write_bytes(b"not a zip")
+  _one_error_line(*_run("eval.py", *CONFIG, "--torch_checkpoint", str(bad)), 1,
+                  f"{bad} is not a torch.save zip archive")
+  _one_error_line(*_run("eval.py", *CONFIG, "--torch_checkpoint", str(tmp_path / "nope.ckpt")), 1,
+                  f"checkpoint not found: {tmp_path / 'nope.ckpt'}")
+  other = tmp_path / "fs025.ckpt"  # the weights of another architecture
+  interop.write_checkpoint(other, {
+      f"model.{key}": np.zeros(shape, np.float32)
+      for key, shape in interop.expected_torch_shapes(fs=0.25, num_classes=10).items()})
+  _one_error_line(*_run("eval.py", *CONFIG, "--torch_checkpoint", str(other)), 2,
+                  "state dict shapes do not match a BITnet6 with fs=0.125",
+                  "looks like fs=0.25")
+  _one_error_line(*_run("-m", "bitnet_jax.cli.export", *CONFIG, "--workdir",
+                        str(tmp_path / "nope"), "--out", str(tmp_path / "out.ckpt")), 1,
+                  f"workdir {tmp_path / 'nope'} does not exist")
+  assert not (tmp_path / "out.ckpt").exists()
 
 
 def test_missing_and_wrong_data_create_no_workdir(tmp_path):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import bitnet_jax
+from bitnet_jax.interop import release
 from bitnet_jax import reference
-from bitnet_jax import release
 from conftest import firing_params
 
 STEPS = 6

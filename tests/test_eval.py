@@ -12,10 +12,9 @@ import pytest
 from bitnet_jax import run_config
 from bitnet_jax import datasets
 from bitnet_jax import evaluate
-from bitnet_jax import export
 from bitnet_jax import input_pipeline
+from bitnet_jax import interop
 from bitnet_jax import reference
-from bitnet_jax import release
 from conftest import firing_params
 from tests.test_train import ROOT, TINY, tiny_config
 
@@ -52,7 +51,7 @@ def test_sparsity_equals_a_direct_count(setup):
   result = _evaluate(setup, steps)
   images, _ = datasets.get_source(config, "test").read(np.arange(21))
   normalized = np.asarray(input_pipeline.normalize(images, info.mean, info.std), np.float64)
-  ref = reference.run(release.to_reference_weights(params),
+  ref = reference.run(interop.to_reference_weights(params),
                       normalized.transpose(0, 3, 1, 2), steps)
   neurons = np.array([np.prod(s.shape) for s in module.plan()])
   direct = 100 * (1 - ref["layer_spikes"].sum(0) / (21 * steps * neurons))
@@ -104,8 +103,7 @@ def test_eval_py_on_a_release_checkpoint(setup, tmp_path):
   """A .ckpt in the release's layout gives the same top-1 as the same weights evaluated here."""
   _, _, _, params = setup
   path = tmp_path / "release.ckpt"
-  export.write_checkpoint(str(path), release.to_torch_state_dict(params),
-                                    extra={"epoch": 7})
+  interop.write_checkpoint(str(path), interop.to_torch_state_dict(params), extra={"epoch": 7})
   out = _eval_py("--torch_checkpoint", str(path), "--steps", "5", "--config.synthetic_num_test=21",
                  "--json", str(tmp_path / "r.json"))
   assert out.returncode == 0, out.stderr

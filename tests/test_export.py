@@ -1,4 +1,4 @@
-"""`python -m bitnet_jax.export`: a JAX-trained model in the release's layout, read back by the
+"""`python -m bitnet_jax.cli.export`: a JAX-trained model in the release's layout, read back by the
 PyTorch copy of the release's structure and by eval.py, with the same spike counts."""
 
 import os
@@ -13,9 +13,9 @@ import pytest
 import bitnet_jax
 from bitnet_jax import checkpointing
 from bitnet_jax import evaluate
-from bitnet_jax import export
-from bitnet_jax import torch_checkpoint
+from bitnet_jax import interop
 from bitnet_jax import trainer
+from bitnet_jax.interop import export
 from tests.test_train import ROOT, TINY, tiny_config
 
 try:
@@ -32,8 +32,8 @@ def exported(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
   trainer.train_and_evaluate(tiny_config(max_train_steps=4, num_epochs=1), str(workdir))
   out = workdir / "model.ckpt"
-  run = subprocess.run([sys.executable, "-m", "bitnet_jax.export", "--config", "configs/default.py",
-                        "--workdir", str(workdir), "--out", str(out), *TINY],
+  run = subprocess.run([sys.executable, "-m", "bitnet_jax.cli.export", "--config",
+                        "configs/default.py", "--workdir", str(workdir), "--out", str(out), *TINY],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stdout + run.stderr
   assert f"wrote {out}: BITnet6 fs=0.125, 10 classes, step 4" in run.stdout
@@ -43,7 +43,7 @@ def exported(tmp_path_factory):
 def test_exported_file_is_the_release_layout(exported):
   workdir, out = exported
   params, _ = checkpointing.load_params(str(workdir), "latest")
-  obj = torch_checkpoint.load_checkpoint(str(out))
+  obj = interop.load_checkpoint(str(out))
   assert obj["global_step"] == 4 and obj["hyper_parameters"]["fs"] == 0.125
   sd = obj["state_dict"]
   assert list(sd) == [f"model.{n}.layer.{k}" for n in bitnet_jax.models.LAYERS
@@ -84,4 +84,7 @@ def test_config_of_another_architecture_is_refused(exported):
   workdir, _ = exported
   with pytest.raises(ValueError, match=r"has fs=0.125, the config fs=0.25; give the config it "
                                        r"was trained with"):
-    export.export(tiny_config(fs=0.25), str(workdir), os.devnull)
+    config = tiny_config(fs=0.25)
+    export.export_workdir(str(workdir), os.devnull, variant=config.variant, fs=config.fs,
+                          dataset=config.dataset, time_steps=config.time_steps,
+                          eval_time_steps=config.eval_time_steps)

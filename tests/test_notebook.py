@@ -21,8 +21,7 @@ pytest.importorskip("ipykernel", reason="ipykernel is not installed (requirement
 
 import bitnet_jax  # noqa: E402
 import jax  # noqa: E402
-from bitnet_jax import export  # noqa: E402
-from bitnet_jax import release  # noqa: E402
+from bitnet_jax import interop  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "colab.ipynb"
@@ -44,7 +43,7 @@ def _stream_text(cell) -> str:
 def _ci_parameters(tmp_path) -> str:
   ckpt = tmp_path / "release.ckpt"
   model = bitnet_jax.create_model(fs=0.25, num_classes=10, in_channels=1, seed=1)
-  export.write_checkpoint(str(ckpt), release.to_torch_state_dict(model.params))
+  interop.write_checkpoint(str(ckpt), interop.to_torch_state_dict(model.params))
   return "\n".join([
       'CONFIG = "configs/quickstart.py"',
       'DATASET = "fashion_mnist"',

@@ -13,8 +13,8 @@ import pytest
 
 import bitnet_jax
 from bitnet_jax import engines
+from bitnet_jax.interop import release
 from bitnet_jax import reference
-from bitnet_jax import release
 from bitnet_jax.kernels import spike_conv
 from configs import default
 

@@ -11,8 +11,8 @@ import pytest
 import bitnet_jax
 from bitnet_jax import run_config
 from bitnet_jax import datasets
+from bitnet_jax.interop import release
 from bitnet_jax import reference
-from bitnet_jax import release
 from bitnet_jax.kernels import shared_library
 from bitnet_jax.kernels import spike_conv
 from bitnet_jax import trainer

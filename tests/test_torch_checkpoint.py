@@ -1,5 +1,5 @@
-"""Tests of the torch-free reader (torch_checkpoint), writer (export) and layout mapping (release)
-of the release's Lightning checkpoints."""
+"""Tests of the torch-free reader (interop.torch_reader), writer (interop.torch_writer) and layout
+mapping (interop.release) of the release's Lightning checkpoints."""
 
 import argparse
 import collections
@@ -11,10 +11,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from bitnet_jax import export
+from bitnet_jax import interop
 from bitnet_jax import reference
-from bitnet_jax import release
-from bitnet_jax import torch_checkpoint as tc
+from bitnet_jax.interop import torch_writer
 
 try:
   import torch
@@ -31,7 +30,7 @@ def release_state_dict(rng, fs=FS, num_classes=10, in_channels=3, prefix="model.
   Spikes have a density of a few tens of percent; scaling by the fan-in keeps the
   pre-activations O(1), and biases in [-0.2, 0.6] spread `pred` over [0, 1].
   """
-  shapes = release.expected_torch_shapes(fs=fs, num_classes=num_classes, in_channels=in_channels)
+  shapes = interop.expected_torch_shapes(fs=fs, num_classes=num_classes, in_channels=in_channels)
   sd = {}
   for key, shape in shapes.items():
     if key.endswith("weight"):
@@ -73,9 +72,9 @@ def test_hand_written_checkpoint_round_trip(tmp_path):
                                  "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999)}]}],
            "hyper_parameters": {"fs": FS, "blob": b"\x00\xffab", "none": None}}
   path = tmp_path / "hand.ckpt"
-  export.write_checkpoint(path, sd, extra=extra)
-  assert_same_state_dict(tc.read_state_dict(path), sd)
-  full = tc.load_checkpoint(path)
+  interop.write_checkpoint(path, sd, extra=extra)
+  assert_same_state_dict(interop.read_state_dict(path), sd)
+  full = interop.load_checkpoint(path)
   assert full["epoch"] == 3 and full["hyper_parameters"]["blob"] == b"\x00\xffab"
   assert full["optimizer_states"][0]["param_groups"][0]["betas"] == (0.9, 0.999)
   np.testing.assert_array_equal(full["optimizer_states"][0]["state"][0]["exp_avg"], np.ones(3))
@@ -88,28 +87,28 @@ def test_bare_state_dict_and_odd_dtypes(tmp_path):
             "c": np.arange(5).astype(ml_dtypes.bfloat16), "d": np.array([True, False]),
             "e": np.arange(6, dtype=np.float16).reshape(3, 2)}
   path = tmp_path / "bare.pt"
-  pkl = export._PickleWriter()  # pylint: disable=protected-access
+  pkl = torch_writer._PickleWriter()  # pylint: disable=protected-access
   data = pkl.dump(collections.OrderedDict(arrays))
   write_zip(path, data, storages={str(i): a.tobytes() for i, a in enumerate(pkl.storages)})
-  assert_same_state_dict(tc.read_state_dict(path), arrays)
+  assert_same_state_dict(interop.read_state_dict(path), arrays)
 
 
 def test_big_endian_storages(tmp_path):
   arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5,
             "c": np.array([1 + 2j, -3.5j], np.complex64), "i": np.array([1, -2], np.int64)}
-  w = export._PickleWriter()  # pylint: disable=protected-access
+  w = torch_writer._PickleWriter()  # pylint: disable=protected-access
   pkl = w.dump({"state_dict": arrays})
   big = {str(i): a.astype(a.dtype.newbyteorder(">")).tobytes() for i, a in enumerate(w.storages)}
   path = tmp_path / "big.ckpt"
   write_zip(path, pkl, storages=big, byteorder=b"big")
-  assert_same_state_dict(tc.read_state_dict(path), arrays)
+  assert_same_state_dict(interop.read_state_dict(path), arrays)
 
 
 @needs_torch
 def test_torch_load_reads_hand_written_checkpoint(tmp_path):
   sd = release_state_dict(np.random.default_rng(1))
   path = tmp_path / "hand.ckpt"
-  export.write_checkpoint(path, sd, extra={"epoch": 2, "hyper_parameters": {"lr": 0.1}})
+  interop.write_checkpoint(path, sd, extra={"epoch": 2, "hyper_parameters": {"lr": 0.1}})
   for mmap in (False, True):
     loaded = torch.load(path, weights_only=True, mmap=mmap)
     assert loaded["epoch"] == 2 and loaded["hyper_parameters"] == {"lr": 0.1}
@@ -151,13 +150,14 @@ def test_real_torch_save_of_lightning_like_checkpoint(tmp_path):
   path = tmp_path / "lightning.ckpt"
   torch.save(_lightning_like(sd_torch), path)
 
-  assert_same_state_dict(tc.read_state_dict(path), sd)
-  full = tc.load_checkpoint(path)
+  assert_same_state_dict(interop.read_state_dict(path), sd)
+  full = interop.load_checkpoint(path)
   assert full["hyper_parameters"] == {"fs": FS, "dataset": "cifar10", "lr": 1e-3, "steps": 50}
-  assert isinstance(full["hyper_parameters"], dict)
+  hparams = full["hyper_parameters"]  # in the file: an argparse.Namespace holding an np.float64
+  assert type(hparams) is interop.HParams and type(hparams["lr"]) is np.float64
   np.testing.assert_allclose(full["callbacks"][
       "ModelCheckpoint{'monitor': 'val_acc', 'mode': 'max'}"]["best_model_score"], 0.9437)
-  params = release.to_flax_params(tc.read_state_dict(path), fs=FS, num_classes=10)
+  params = interop.to_flax_params(interop.read_state_dict(path), fs=FS, num_classes=10)
   assert params["mlp1"]["kernel"].shape == (16 * 64, 10)
 
 
@@ -167,11 +167,11 @@ def test_unknown_class_called_outside_state_dict_needs_strict_false(tmp_path):
   sd_torch = collections.OrderedDict((k, torch.from_numpy(v)) for k, v in sd.items())
   path = tmp_path / "fraction.ckpt"
   torch.save(_lightning_like(sd_torch, {"ratio": fractions.Fraction(1, 3)}), path)
-  with pytest.raises(tc.UnsafeCheckpointError, match="fractions.Fraction"):
-    tc.read_state_dict(path)
-  assert_same_state_dict(tc.read_state_dict(path, strict=False), sd)
-  ratio = tc.load_checkpoint(path, strict=False)["hyper_parameters"]["ratio"]
-  assert isinstance(ratio, tc.UnknownObject) and ratio.qualname == "fractions.Fraction"
+  with pytest.raises(interop.UnsafeCheckpointError, match="fractions.Fraction"):
+    interop.read_state_dict(path)
+  assert_same_state_dict(interop.read_state_dict(path, strict=False), sd)
+  ratio = interop.load_checkpoint(path, strict=False)["hyper_parameters"]["ratio"]
+  assert isinstance(ratio, interop.UnknownObject) and ratio.qualname == "fractions.Fraction"
 
 
 @needs_torch
@@ -225,11 +225,11 @@ def test_real_lightning_checkpoint(tmp_path):
   trainer.fit(Module(argparse.Namespace(fs=FS, dataset="cifar10")),
               torch.utils.data.DataLoader(data, batch_size=2))
   want = torch.load(ckpt.last_model_path, weights_only=False)["state_dict"]
-  assert_same_state_dict(tc.read_state_dict(ckpt.last_model_path),
+  assert_same_state_dict(interop.read_state_dict(ckpt.last_model_path),
                          {k: v.numpy() for k, v in want.items()})
-  full = tc.load_checkpoint(ckpt.last_model_path)
+  full = interop.load_checkpoint(ckpt.last_model_path)
   assert full["hyper_parameters"]["dataset"] == "cifar10"
-  release.to_flax_params(tc.read_state_dict(ckpt.last_model_path), fs=FS, num_classes=10)
+  interop.to_flax_params(interop.read_state_dict(ckpt.last_model_path), fs=FS, num_classes=10)
 
 
 # ----------------------------------------------------------------------------- hostile files
@@ -256,17 +256,17 @@ def test_malicious_pickle_is_refused_and_not_executed(tmp_path, where):
     obj["state_dict"] = {"model.begin.layer.weight": evil}
   path = tmp_path / "evil.ckpt"
   write_zip(path, pickle.dumps(obj, protocol=2))
-  with pytest.raises(tc.UnsafeCheckpointError, match=r"system"):
-    tc.read_state_dict(path)
-  with pytest.raises(tc.UnsafeCheckpointError, match=r"system"):
-    tc.load_checkpoint(path)
+  with pytest.raises(interop.UnsafeCheckpointError, match=r"system"):
+    interop.read_state_dict(path)
+  with pytest.raises(interop.UnsafeCheckpointError, match=r"system"):
+    interop.load_checkpoint(path)
   if where == "callbacks":  # strict=False keeps it as inert data
-    rec = tc.load_checkpoint(path, strict=False)["callbacks"]["x"]
-    assert isinstance(rec, tc.UnknownObject) and rec.qualname.endswith(".system")
+    rec = interop.load_checkpoint(path, strict=False)["callbacks"]["x"]
+    assert isinstance(rec, interop.UnknownObject) and rec.qualname.endswith(".system")
     assert rec.args == (f"touch {target}",)
   if where == "state_dict":  # ... but never inside the state dict
-    with pytest.raises(tc.UnsafeCheckpointError, match="not tensors"):
-      tc.read_state_dict(path, strict=False)
+    with pytest.raises(interop.UnsafeCheckpointError, match="not tensors"):
+      interop.read_state_dict(path, strict=False)
   assert not target.exists()
 
 
@@ -279,20 +279,20 @@ def test_malicious_pickle_is_refused_and_not_executed(tmp_path, where):
 def test_other_hostile_pickles(tmp_path, pkl, match):
   path = tmp_path / "h.ckpt"
   write_zip(path, pkl)
-  with pytest.raises(tc.UnsafeCheckpointError, match=match):
-    tc.load_checkpoint(path)
+  with pytest.raises(interop.UnsafeCheckpointError, match=match):
+    interop.load_checkpoint(path)
 
 
 def test_build_cannot_change_a_validated_tensor(tmp_path):
   """A BUILD after a tensor's rebuild could otherwise move it outside its storage."""
-  w = export._PickleWriter()  # pylint: disable=protected-access
+  w = torch_writer._PickleWriter()  # pylint: disable=protected-access
   pkl = w.dump(np.zeros(4, np.float32))
   assert pkl.endswith(b".")
   evil = pkl[:-1] + b"}X\x06\x00\x00\x00offsetJ\x00\x00\x00\x10sb."  # {'offset': 2**28}
   path = tmp_path / "b.ckpt"
   write_zip(path, evil, storages={"0": np.zeros(4, np.float32).tobytes()})
-  with pytest.raises(tc.UnsafeCheckpointError, match="modify a tensor"):
-    tc.load_checkpoint(path)
+  with pytest.raises(interop.UnsafeCheckpointError, match="modify a tensor"):
+    interop.load_checkpoint(path)
 
 
 # ----------------------------------------------------------------------------- bad files
@@ -300,20 +300,20 @@ def test_build_cannot_change_a_validated_tensor(tmp_path):
 
 def test_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError, match="nope.ckpt"):
-    tc.read_state_dict(tmp_path / "nope.ckpt")
+    interop.read_state_dict(tmp_path / "nope.ckpt")
 
 
 def test_not_a_zip_and_truncated_zip(tmp_path):
   path = tmp_path / "junk.ckpt"
   path.write_bytes(b"this is not a zip file" * 10)
-  with pytest.raises(tc.CheckpointFormatError, match="not a torch.save zip"):
-    tc.read_state_dict(path)
+  with pytest.raises(interop.CheckpointFormatError, match="not a torch.save zip"):
+    interop.read_state_dict(path)
   good = tmp_path / "good.ckpt"
-  export.write_checkpoint(good, release_state_dict(np.random.default_rng(4)))
+  interop.write_checkpoint(good, release_state_dict(np.random.default_rng(4)))
   data = good.read_bytes()
   path.write_bytes(data[: len(data) // 2])
-  with pytest.raises(tc.CheckpointFormatError):
-    tc.read_state_dict(path)
+  with pytest.raises(interop.CheckpointFormatError):
+    interop.read_state_dict(path)
   # Flip bytes inside a storage: the zip CRC check catches it.
   with zipfile.ZipFile(good) as zf:
     info = zf.getinfo("archive/data/0")
@@ -321,31 +321,31 @@ def test_not_a_zip_and_truncated_zip(tmp_path):
   corrupt = bytearray(data)
   corrupt[start:start + 8] = bytes(255 - b for b in corrupt[start:start + 8])
   path.write_bytes(bytes(corrupt))
-  with pytest.raises(tc.CheckpointFormatError, match="data/0"):
-    tc.read_state_dict(path)
+  with pytest.raises(interop.CheckpointFormatError, match="data/0"):
+    interop.read_state_dict(path)
 
 
 def test_zip_without_data_pkl_and_without_state_dict(tmp_path):
   path = tmp_path / "other.zip"
   with zipfile.ZipFile(path, "w") as zf:
     zf.writestr("readme.txt", "hello")
-  with pytest.raises(tc.CheckpointFormatError, match="data.pkl"):
-    tc.read_state_dict(path)
+  with pytest.raises(interop.CheckpointFormatError, match="data.pkl"):
+    interop.read_state_dict(path)
   write_zip(path, pickle.dumps({"epoch": 1, "weights": [1, 2]}, protocol=2))
-  with pytest.raises(tc.CheckpointFormatError, match=r"no 'state_dict'.*epoch"):
-    tc.read_state_dict(path)
+  with pytest.raises(interop.CheckpointFormatError, match=r"no 'state_dict'.*epoch"):
+    interop.read_state_dict(path)
 
 
 def test_storage_reference_errors(tmp_path):
-  w = export._PickleWriter()  # pylint: disable=protected-access
+  w = torch_writer._PickleWriter()  # pylint: disable=protected-access
   pkl = w.dump({"state_dict": {"a": np.zeros(4, np.float32)}})
   path = tmp_path / "s.ckpt"
   write_zip(path, pkl)  # no data/0
-  with pytest.raises(tc.CheckpointFormatError, match="data/0"):
-    tc.read_state_dict(path)
+  with pytest.raises(interop.CheckpointFormatError, match="data/0"):
+    interop.read_state_dict(path)
   write_zip(path, pkl, storages={"0": b"\0" * 12})  # 3 floats instead of 4
-  with pytest.raises(tc.CheckpointFormatError, match="16 bytes, found 12"):
-    tc.read_state_dict(path)
+  with pytest.raises(interop.CheckpointFormatError, match="16 bytes, found 12"):
+    interop.read_state_dict(path)
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -362,14 +362,14 @@ def _flax_params(rng, fs=FS, num_classes=10, in_channels=3):
 
 def test_flax_torch_flax_round_trip_is_exact(tmp_path):
   params = _flax_params(np.random.default_rng(5))
-  sd = release.to_torch_state_dict(params)
+  sd = interop.to_torch_state_dict(params)
   assert sd["model.begin.layer.weight"].shape == (8, 3, 3, 3)
   assert sd["model.mlp1.layer.weight"].shape == (10, 64 * 16)
-  back = release.to_flax_params(sd, fs=FS, num_classes=10)
+  back = interop.to_flax_params(sd, fs=FS, num_classes=10)
   path = tmp_path / "rt.ckpt"
-  export.write_checkpoint(path, sd)
-  back_file = release.to_flax_params(tc.read_state_dict(path), fs=FS, num_classes=10)
-  for p in (back, back_file, release.to_flax_params(release.to_torch_state_dict({"params": back}),
+  interop.write_checkpoint(path, sd)
+  back_file = interop.to_flax_params(interop.read_state_dict(path), fs=FS, num_classes=10)
+  for p in (back, back_file, interop.to_flax_params(interop.to_torch_state_dict({"params": back}),
                                                fs=FS, num_classes=10)):
     for layer in params:
       for k in ("kernel", "bias"):
@@ -377,14 +377,14 @@ def test_flax_torch_flax_round_trip_is_exact(tmp_path):
   # Keys without the `model.` prefix are accepted too.
   unprefixed = {k[len("model."):]: v for k, v in sd.items()}
   np.testing.assert_array_equal(
-      release.to_flax_params(unprefixed, fs=FS, num_classes=10)["mlp1"]["kernel"],
+      interop.to_flax_params(unprefixed, fs=FS, num_classes=10)["mlp1"]["kernel"],
       params["mlp1"]["kernel"])
 
 
 def test_layout_permutations_by_index_encoding():
   """Entries encode their own index, so the (C,H,W) -> (H,W,C) permutation is checked exactly."""
   sd = {k: np.zeros(s, np.float32)
-        for k, s in release.expected_torch_shapes(fs=FS, num_classes=10).items()}
+        for k, s in interop.expected_torch_shapes(fs=FS, num_classes=10).items()}
   c4, classes = 64, 10
   o, c, h, w = np.meshgrid(np.arange(classes), np.arange(c4), np.arange(4), np.arange(4),
                            indexing="ij")
@@ -392,7 +392,7 @@ def test_layout_permutations_by_index_encoding():
   sd["mlp1.layer.weight"] = code.reshape(classes, c4 * 16)  # torch flattens (C, H, W)
   conv = np.arange(8 * 8 * 9, dtype=np.float32).reshape(8, 8, 3, 3)  # (O, I, kh, kw)
   sd["layer1.layer.weight"] = conv
-  p = release.to_flax_params(sd, fs=FS, num_classes=10)
+  p = interop.to_flax_params(sd, fs=FS, num_classes=10)
   kernel = p["mlp1"]["kernel"]  # (H*W*C, out): row (h * 4 + w) * C + c (docs/INTERFACES.md)
   for oo, cc, hh, ww in [(0, 0, 0, 1), (3, 5, 2, 1), (9, 63, 3, 3), (1, 17, 0, 2)]:
     assert kernel[(hh * 4 + ww) * c4 + cc, oo] == oo * 100000 + cc * 100 + hh * 10 + ww
@@ -403,22 +403,22 @@ def test_layout_permutations_by_index_encoding():
 def test_architecture_mismatch_errors():
   sd = release_state_dict(np.random.default_rng(6))
   with pytest.raises(ValueError) as e:
-    release.to_flax_params(sd, fs=0.25, num_classes=10)
+    interop.to_flax_params(sd, fs=0.25, num_classes=10)
   msg = str(e.value)
   assert "model.begin.layer.weight: expected (16, 3, 3, 3), found (8, 3, 3, 3)" in msg
   assert "model.mlp1.layer.weight: expected (10, 2048), found (10, 1024)" in msg
   assert "fs=0.125" in msg  # the hint names what the checkpoint looks like
   with pytest.raises(ValueError, match=r"mlp1.layer.bias: expected \(100,\), found \(10,\)"):
-    release.to_flax_params(sd, fs=FS, num_classes=100)
+    interop.to_flax_params(sd, fs=FS, num_classes=100)
   missing = {k: v for k, v in sd.items() if k != "model.layer3.layer.bias"}
   with pytest.raises(ValueError, match=r"missing keys \['model.layer3.layer.bias'\]"):
-    release.to_flax_params(missing, fs=FS, num_classes=10)
+    interop.to_flax_params(missing, fs=FS, num_classes=10)
   with pytest.raises(ValueError, match=r"unexpected keys \['model.extra.weight'\]"):
-    release.to_flax_params({**sd, "model.extra.weight": np.zeros(1)}, fs=FS, num_classes=10)
+    interop.to_flax_params({**sd, "model.extra.weight": np.zeros(1)}, fs=FS, num_classes=10)
   with pytest.raises(ValueError, match="variant"):
-    release.to_flax_params(sd, variant="BITnet7", fs=FS, num_classes=10)
+    interop.to_flax_params(sd, variant="BITnet7", fs=FS, num_classes=10)
   with pytest.raises(ValueError, match="img_size"):
-    release.to_flax_params(sd, fs=FS, num_classes=10, img_size=48)
+    interop.to_flax_params(sd, fs=FS, num_classes=10, img_size=48)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -445,13 +445,13 @@ def test_loaded_model_matches_reference_float64(tmp_path, variant, img, classes,
   import bitnet_jax  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(7)
   path = tmp_path / "m.ckpt"
-  export.write_checkpoint(path, release_state_dict(rng, num_classes=classes))
+  interop.write_checkpoint(path, release_state_dict(rng, num_classes=classes))
   images = rng.normal(size=(3, 3, img, img))  # (B, C, H, W)
   with jax.enable_x64(True):  # jax_enable_x64 is process-global: scope it
-    model = release.load_torch_checkpoint(path, variant=variant, fs=FS, num_classes=classes,
+    model = interop.load_torch_checkpoint(path, variant=variant, fs=FS, num_classes=classes,
                                      img_size=img, dtype=jnp.float64)
     counts = np.asarray(bitnet_jax.spike_counts(model, images.transpose(0, 2, 3, 1), steps))
-  ref = reference.run(release.to_reference_weights(model.params), images, steps, variant=variant)
+  ref = reference.run(interop.to_reference_weights(model.params), images, steps, variant=variant)
   assert np.all(ref["layer_spikes"] > 0), ref["layer_spikes"]  # every layer fires ...
   assert 0 < ref["counts"].mean() < steps and len(np.unique(ref["counts"])) > 1  # ... not always
   np.testing.assert_array_equal(counts, ref["counts"])
@@ -465,13 +465,13 @@ def test_load_torch_checkpoint_float32(tmp_path):
   rng = np.random.default_rng(8)
   sd = release_state_dict(rng)
   path = tmp_path / "m.ckpt"
-  export.write_checkpoint(path, sd, extra={"epoch": 1})
+  interop.write_checkpoint(path, sd, extra={"epoch": 1})
   model = bitnet_jax.load_torch_checkpoint(path, fs=FS, num_classes=10)
-  assert_same_state_dict(release.to_torch_state_dict(model), sd)
+  assert_same_state_dict(interop.to_torch_state_dict(model), sd)
   images = rng.normal(size=(4, 3, 32, 32))
   counts = np.asarray(bitnet_jax.spike_counts(model, images.transpose(0, 2, 3, 1)
                                               .astype(np.float32), 5))
-  ref = reference.run(release.to_reference_weights(model.params), images.astype(np.float32), 5)
+  ref = reference.run(interop.to_reference_weights(model.params), images.astype(np.float32), 5)
   assert np.abs(counts - ref["counts"]).sum() <= 2  # stated tolerance: at most 2 flips
   with pytest.raises(ValueError, match="expected"):
     bitnet_jax.load_torch_checkpoint(path, fs=0.25, num_classes=10)

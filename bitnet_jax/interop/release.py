@@ -5,7 +5,7 @@ weights OIHW and ``mlp1``'s weight as ``(num_classes, C*H*W)`` over a ``(C, H, W
 under keys ``model.<layer>.layer.weight|bias``; our Flax parameters are HWIO and
 ``(H*W*C, num_classes)`` over an ``(H, W, C)`` flattening (docs/INTERFACES.md).
 
-Reading the file safely is `torch_checkpoint.py`; writing one is `export.py`.
+Reading the file safely is `torch_reader.py`; writing one is `torch_writer.py`.
 
 Example:
   >>> model = load_torch_checkpoint('cifar10_bitnet6.ckpt', fs=4, num_classes=10)
@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 
 from bitnet_jax import api
+from bitnet_jax import errors
 from bitnet_jax import models
-from bitnet_jax import torch_checkpoint
+from bitnet_jax.interop import torch_reader
+from bitnet_jax.interop.safe_pickle import CheckpointFormatError
 
 LAYERS = models.LAYERS
 CONV_LAYERS = LAYERS[:-1]
@@ -39,13 +41,16 @@ def expected_torch_shapes(*, fs: float, num_classes: int, img_size: int = 32,
 
   Returns:
     ``{'begin.layer.weight': (c1, in_channels, 3, 3), ..., 'mlp1.layer.bias': (classes,)}``.
+
+  Raises:
+    ConfigError: an unknown img_size, or an empty layer (a ValueError).
   """
   if img_size not in models.IMG_SIZES:
-    raise ValueError(f"img_size must be one of {models.IMG_SIZES}, got {img_size!r}")
+    raise errors.ConfigError(f"img_size must be one of {models.IMG_SIZES}, got {img_size!r}")
   c1, c2, c3, c4 = models.channels(fs)
   if min(c1, num_classes, in_channels) < 1:
-    raise ValueError(f"fs={fs}, num_classes={num_classes}, in_channels={in_channels} give an "
-                     "empty layer")
+    raise errors.ConfigError(f"fs={fs}, num_classes={num_classes}, in_channels={in_channels} "
+                             "give an empty layer")
   io_ = {"begin": (in_channels, c1), "layer1": (c1, c1), "layer2": (c1, c2),
          "layer3": (c2, c3), "layer4": (c3, c4)}
   shapes = {}
@@ -90,29 +95,31 @@ def to_flax_params(state_dict: Mapping[str, Any], *, variant: str = "BITnet6", f
     kernel rows in ``(h, w, c)`` order.
 
   Raises:
-    ValueError: unknown variant, missing or unexpected keys, shape mismatches (the message
-      names each key with the expected and the found shape), non-floating tensors.
+    ConfigError: an unknown variant, or shape mismatches: the weights are of another
+      architecture (the message names each key with the expected and the found shape).
+    CheckpointFormatError: missing or unexpected keys, non-floating tensors.
+    (Both are ValueErrors.)
   """
   if variant not in models.VARIANTS:
-    raise ValueError(f"variant must be one of {tuple(models.VARIANTS)}, got {variant!r}")
+    raise errors.ConfigError(f"variant must be one of {tuple(models.VARIANTS)}, got {variant!r}")
   expected = expected_torch_shapes(fs=fs, num_classes=num_classes, img_size=img_size,
                                    in_channels=in_channels)
   sd: dict[str, Any] = {}
   for key, value in state_dict.items():
     short = key[len(PREFIX):] if key.startswith(PREFIX) else key
     if short in sd:
-      raise ValueError(f"state dict has both '{short}' and '{PREFIX}{short}'")
+      raise CheckpointFormatError(f"state dict has both '{short}' and '{PREFIX}{short}'")
     sd[short] = value
   missing = [PREFIX + k for k in expected if k not in sd]
   unexpected = [PREFIX + k for k in sd if k not in expected]
   if missing or unexpected:
-    raise ValueError(
+    raise CheckpointFormatError(
         f"state dict does not match a {variant} (fs={fs}, num_classes={num_classes}): "
         f"missing keys {missing}, unexpected keys {unexpected}.")
   mismatched = [f"{PREFIX}{k}: expected {expected[k]}, found {tuple(np.shape(sd[k]))}"
                 for k in expected if tuple(np.shape(sd[k])) != expected[k]]
   if mismatched:
-    raise ValueError(
+    raise errors.ConfigError(
         f"state dict shapes do not match a {variant} with fs={fs}, num_classes={num_classes}, "
         f"img_size={img_size}, in_channels={in_channels}: " + "; ".join(mismatched) + "."
         + _architecture_hint(sd))
@@ -122,7 +129,8 @@ def to_flax_params(state_dict: Mapping[str, Any], *, variant: str = "BITnet6", f
     b = np.asarray(sd[f"{name}.layer.bias"])
     for key, arr in (("weight", w), ("bias", b)):
       if arr.dtype.kind != "f" and str(arr.dtype) != "bfloat16":
-        raise ValueError(f"{PREFIX}{name}.layer.{key} must be floating point, found {arr.dtype}")
+        raise CheckpointFormatError(
+            f"{PREFIX}{name}.layer.{key} must be floating point, found {arr.dtype}")
     w, b = w.astype(np.float32), b.astype(np.float32)
     if name == "mlp1":
       c4 = w.shape[1] // 16
@@ -198,18 +206,19 @@ def load_torch_checkpoint(path, *, variant: str = "BITnet6", fs: float, num_clas
     img_size: 32 (CIFAR) or 64 (Tiny-ImageNet).
     in_channels: image channels.
     surrogate: surrogate gradient for fine-tuning (does not change the forward pass).
-    strict: see `torch_checkpoint.load_checkpoint`.
+    strict: see `torch_reader.load_checkpoint`.
     **create_kwargs: passed on to `bitnet_jax.create_model` (e.g. ``dtype``).
 
   Returns:
     ``create_model(variant, fs=..., ..., params=params)``: a `bitnet_jax.Model`.
 
   Raises:
-    FileNotFoundError, CheckpointFormatError, UnsafeCheckpointError: see
-      `torch_checkpoint.read_state_dict`.
-    ValueError: the weights do not fit the requested architecture.
+    CheckpointError, CheckpointFormatError, UnsafeCheckpointError: see
+      `torch_reader.read_state_dict`.
+    ConfigError, CheckpointFormatError: the weights do not fit the requested architecture (see
+      `to_flax_params`).
   """
-  state_dict = torch_checkpoint.read_state_dict(path, strict=strict)
+  state_dict = torch_reader.read_state_dict(path, strict=strict)
   params = to_flax_params(state_dict, variant=variant, fs=fs, num_classes=num_classes,
                           img_size=img_size, in_channels=in_channels)
   # create_model checks the converted tree against the module's own shapes (no random init).

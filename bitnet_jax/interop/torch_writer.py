@@ -1,14 +1,10 @@
-"""Writes our trained weights as a checkpoint of the original PyTorch release.
+"""Writes ``torch.save`` files without torch: the release's ``.ckpt`` format, for our weights.
 
-  python -m bitnet_jax.export --config configs/cifar10.py --workdir workdirs/cifar10 --out model.ckpt
-
-The file is a PyTorch Lightning ``.ckpt`` in the release's layout (`release.py`): a
-``torch.save`` zip holding ``{'state_dict': {'model.<layer>.layer.weight|bias': tensor},
-'epoch', 'global_step', 'hyper_parameters'}``, written without PyTorch by a small pickle writer
-that emits only what ``torch.load(path, weights_only=True)`` accepts. So the release's own code
-(or `benchmarks/torch_baseline.py`, a copy of its structure) can evaluate a model trained here,
-and `eval.py --torch_checkpoint` reads it back. `--which` / `--checkpoint_step` choose the
-checkpoint of the workdir as in eval.py.
+`write_checkpoint` writes a zip archive in the layout `torch_reader.py` describes, whose
+protocol-2 pickle is emitted by hand (`_PickleWriter`) and names only what
+``torch.load(path, weights_only=True)`` accepts: dicts, OrderedDicts, lists, tuples, str,
+bytes, numbers, None, and arrays as CPU tensors (``torch._utils._rebuild_tensor_v2`` over one
+storage each).
 """
 
 import collections
@@ -22,22 +18,13 @@ import zipfile
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
 
-from bitnet_jax import checkpointing
-from bitnet_jax import release
+from bitnet_jax.interop import torch_tensors
 
-_NP_TO_STORAGE = {
-    "float32": "FloatStorage", "float64": "DoubleStorage", "float16": "HalfStorage",
-    "bfloat16": "BFloat16Storage", "int64": "LongStorage", "int32": "IntStorage",
-    "int16": "ShortStorage", "int8": "CharStorage", "uint8": "ByteStorage", "bool": "BoolStorage",
-    "complex64": "ComplexFloatStorage", "complex128": "ComplexDoubleStorage",
-}
+# NumPy dtype name -> torch storage class (the inverse of the reader's table).
+_NP_TO_STORAGE = {dtype: name for name, dtype in torch_tensors.STORAGE_DTYPES.items()
+                  if name != "UntypedStorage"}
 
 
 class _PickleWriter:
@@ -167,7 +154,7 @@ def write_checkpoint(path, state_dict: Mapping[str, Any], extra: Mapping[str, An
   """Writes a release-layout ``.ckpt`` (a ``torch.save`` zip) without torch.
 
   The file holds ``{'state_dict': OrderedDict(state_dict), **extra}`` and is readable by
-  `torch_checkpoint.read_state_dict` and by ``torch.load(path, weights_only=True)``. Arrays
+  `torch_reader.read_state_dict` and by ``torch.load(path, weights_only=True)``. Arrays
   anywhere become CPU tensors (one storage each, data 64-byte aligned like torch writes them).
 
   Args:
@@ -215,53 +202,3 @@ def write_checkpoint(path, state_dict: Mapping[str, Any], extra: Mapping[str, An
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-
-
-def export(config, workdir: str, out: str, which: str = "latest",
-           checkpoint_step: int | None = None) -> dict:
-  """Writes the parameters of a workdir's checkpoint to `out` in the release's layout.
-
-  Args:
-    config: the run's config (its `variant` and `fs` are checked against the checkpoint).
-    workdir: the training workdir.
-    out: the .ckpt to write (atomically).
-    which, checkpoint_step: which checkpoint (see `checkpointing.load_params`).
-
-  Returns:
-    The checkpoint's meta (with "arch", "step" and "source").
-  """
-  params, meta = checkpointing.load_params(workdir, which, checkpoint_step)
-  arch = meta["arch"]
-  for field in ("variant", "fs"):
-    if arch[field] != config[field]:
-      raise ValueError(f"the checkpoint in {meta['source']} has {field}={arch[field]!r}, the "
-                       f"config {field}={config[field]!r}; give the config it was trained with")
-  state_dict = release.to_torch_state_dict(jax.tree_util.tree_map(np.asarray, params))
-  hyper = dict(arch, dataset=meta.get("dataset", config.dataset),
-               time_steps=config.time_steps, eval_time_steps=config.eval_time_steps,
-               exported_by="bitnet_jax.export", source=meta["source"])
-  write_checkpoint(out, state_dict, {"epoch": 0, "global_step": int(meta["step"]),
-                                     "hyper_parameters": hyper})
-  return meta
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  meta = export(_CONFIG.value, _WORKDIR.value, _OUT.value, _WHICH.value, _STEP.value)
-  arch = meta["arch"]
-  print(f"wrote {_OUT.value}: {arch['variant']} fs={arch['fs']:g}, {arch['num_classes']} "
-        f"classes, step {meta['step']} of {meta['source']} (the release's layout; read it with "
-        f"eval.py --torch_checkpoint or the release's PyTorch code)")
-
-
-if __name__ == "__main__":
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
-                                            lock_config=True)
-  _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding orbax checkpoints.")
-  _OUT = flags.DEFINE_string("out", None, "The .ckpt file to write.")
-  _WHICH = flags.DEFINE_enum("which", "latest", ["best", "latest"], "Checkpoint of the workdir.")
-  _STEP = flags.DEFINE_integer("checkpoint_step", None, "Export this step of the workdir.")
-  flags.mark_flags_as_required(["config", "workdir", "out"])
-  app.run(main)
