@@ -42,6 +42,7 @@ def tiny_counts():
 # Also builds (or finds) the sparse-synapse kernel from the installed source.
 PROBE = COUNTS + """
 import json, sys
+import bitnet_jax.cli.runner, bitnet_jax.data  # the subpackages are installed too
 from bitnet_jax import spike_conv
 ok, why = spike_conv.available()
 np.save(sys.argv[1] + "/counts.npy", tiny_counts())
