@@ -174,18 +174,17 @@ def source(config, split: str) -> data.Source:
 
 def num_examples(config, info: data.DatasetInfo, split: str) -> int:
   """Examples of `split` used: the whole split, or its first `config.max_*_examples`."""
-  return data.num_examples(info, split, _pipeline_args(config)[f"max_{split}"])
+  return data.num_examples(info, split, _max_examples(config, split))
 
 
 def steps_per_epoch(config, info: data.DatasetInfo) -> int:
   """Training steps per epoch of `config.batch_size` (incomplete last batch dropped)."""
-  return data.steps_per_epoch(info, config.batch_size, _pipeline_args(config)["max_train"])
+  return data.steps_per_epoch(info, config.batch_size, _max_examples(config, "train"))
 
 
 def num_eval_batches(config, info: data.DatasetInfo, split: str = "test") -> int:
   """Padded batches of `config.eval_batch_size` that cover `split`."""
-  return data.num_eval_batches(info, config.eval_batch_size, split,
-                               _pipeline_args(config)[f"max_{split}"])
+  return data.num_eval_batches(info, config.eval_batch_size, split, _max_examples(config, split))
 
 
 def train_iter(config, info: data.DatasetInfo | None = None):
@@ -194,7 +193,8 @@ def train_iter(config, info: data.DatasetInfo | None = None):
   args = _pipeline_args(config)
   return data.train_iter(source(config, "train"), info or dataset_info(config),
                          batch_size=config.batch_size, seed=args["seed"], augment=args["augment"],
-                         max_examples=args["max_train"], num_workers=args["num_workers"])
+                         max_examples=args["max_train_examples"],
+                         num_workers=args["num_workers"])
 
 
 def eval_iter(config, info: data.DatasetInfo | None = None, split: str = "test"):
@@ -202,13 +202,19 @@ def eval_iter(config, info: data.DatasetInfo | None = None, split: str = "test")
   config's eval_batch_size, max_eval_examples and num_workers; `info` is computed if None."""
   args = _pipeline_args(config)
   return data.eval_iter(source(config, split), info or dataset_info(config),
-                        batch_size=config.eval_batch_size, max_examples=args[f"max_{split}"],
-                        num_workers=args["num_workers"])
+                        batch_size=config.eval_batch_size,
+                        max_examples=_max_examples(config, split), num_workers=args["num_workers"])
+
+
+def _max_examples(config, split: str) -> int:
+  """`config.max_train_examples` for the 'train' split, else `config.max_eval_examples`."""
+  field = "max_train_examples" if split == "train" else "max_eval_examples"
+  return _pipeline_args(config)[field]
 
 
 def _pipeline_args(config) -> dict:
-  """The pipeline's optional fields, checked: augment, seed, max_train / max_test (from
-  max_train_examples / max_eval_examples) and num_workers.
+  """The pipeline's optional fields, checked: {augment, seed, max_train_examples,
+  max_eval_examples, num_workers}.
 
   Raises:
     errors.ConfigError: naming the field, what it must be and what it is.
@@ -221,12 +227,11 @@ def _pipeline_args(config) -> dict:
   if not 0 <= seed < 2**32:
     raise errors.ConfigError(f"config.seed must be in [0, 2**32), found {seed}.")
   args = {"augment": augment, "seed": seed}
-  for split, field in (("train", "max_train_examples"), ("test", "max_eval_examples")):
-    limit = config.get(field, -1)
-    if limit != -1 and limit < 1:
+  for field in ("max_train_examples", "max_eval_examples"):
+    args[field] = config.get(field, -1)
+    if args[field] != -1 and args[field] < 1:
       raise errors.ConfigError(f"config.{field} must be -1 (whole split) or >= 1, found "
-                               f"{limit}.")
-    args[f"max_{split}"] = limit
+                               f"{args[field]}.")
   args["num_workers"] = config.get("num_workers", 0)
   if args["num_workers"] < 0:
     raise errors.ConfigError(f"config.num_workers must be >= 0, found {args['num_workers']}.")
