@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bitnet_jax import run_config, checkpointing, datasets, engines, input_pipeline, models  # noqa: E402
+from bitnet_jax import checkpointing, data, engines, models, run_config  # noqa: E402
 
 
 def counts_fn(module, steps):
@@ -45,12 +45,12 @@ def main(argv=None):
   config = runpy.run_path(args.config)["get_config"]()
   config.update(compute_dtype="float32", matmul_precision="highest", synapses="dense")  # the base
   config, _ = run_config.resolve(config)
-  info = datasets.get_dataset_info(config)
+  info = run_config.dataset_info(config)
   base = run_config.make_module(config, info)
   params, meta = checkpointing.load_params(args.workdir, "latest")
   checkpointing.check_architecture(meta["arch"], checkpointing.architecture(base), meta["source"])
-  images_u8, _ = datasets.get_source(config, "test").read(np.arange(args.n))
-  images = np.asarray(input_pipeline.normalize(images_u8, info.mean, info.std))
+  images_u8, _ = run_config.source(config, "test").read(np.arange(args.n))
+  images = np.asarray(data.normalize(images_u8, info.mean, info.std))
 
   def run(name_or_dtype, steps):
     if name_or_dtype == "float64":

@@ -76,12 +76,12 @@ def calibrate(fs: float, classes: int, images_u8, *, gain: float, steps: int,
   """
   import jax  # pylint: disable=import-outside-toplevel
   import bitnet_jax  # pylint: disable=import-outside-toplevel
-  from bitnet_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from bitnet_jax import data  # pylint: disable=import-outside-toplevel
 
   model = bitnet_jax.create_model(fs=fs, num_classes=classes, seed=seed)
   module = model.module
   params = jax.tree_util.tree_map(lambda a: np.asarray(a) * gain, model.params)
-  images = input_pipeline.normalize(images_u8, CIFAR_MEAN, CIFAR_STD)
+  images = data.normalize(images_u8, CIFAR_MEAN, CIFAR_STD)
   neurons = np.array([np.prod(s.shape) for s in module.plan()], np.float64)
   fired = jax.jit(lambda p: bitnet_jax.run(module, p, images, steps).layer_spikes.sum(0))
 
@@ -217,7 +217,7 @@ def child_train(args) -> dict:
   """The real train step (`trainer.make_train_step`), SGD with momentum like the baseline."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from bitnet_jax import run_config, datasets, input_pipeline, sharding, trainer  # pylint: disable=import-outside-toplevel
+  from bitnet_jax import data, run_config, sharding, trainer  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
 
   _, params, images, labels = _load(args)
@@ -227,9 +227,9 @@ def child_train(args) -> dict:
                 synapses=args.synapse, matmul_precision=args.precision, optimizer="sgd",
                 learning_rate=0.01, momentum=0.9, weight_decay=0.0, grad_clip=0.0,
                 schedule="constant", warmup_epochs=0.0)
-  info = datasets.DatasetInfo(name="synthetic", num_classes=args.classes,
-                              image_shape=images.shape[1:], num_train=len(images), num_test=1,
-                              mean=CIFAR_MEAN, std=CIFAR_STD)
+  info = data.DatasetInfo(name="synthetic", num_classes=args.classes,
+                          image_shape=images.shape[1:], num_train=len(images), num_test=1,
+                          mean=CIFAR_MEAN, std=CIFAR_STD)
   module = run_config.make_module(config, info)
   tx = trainer.make_optimizer(config, 1, 1000)
   mesh = sharding.data_mesh()
@@ -260,11 +260,11 @@ def child_eval(args) -> dict:
   """Spike counts of `bitnet_jax.run` (what `spike_counts` computes), jitted."""
   import jax  # pylint: disable=import-outside-toplevel
   import bitnet_jax  # pylint: disable=import-outside-toplevel
-  from bitnet_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from bitnet_jax import data  # pylint: disable=import-outside-toplevel
 
   module, params, images, _ = _load(args)
   params = jax.device_put(params)
-  images = input_pipeline.normalize(jax.device_put(images), CIFAR_MEAN, CIFAR_STD)
+  images = data.normalize(jax.device_put(images), CIFAR_MEAN, CIFAR_STD)
 
   @jax.jit
   def counts(params, images):

@@ -16,23 +16,15 @@ import argparse
 import itertools
 import time
 
-import ml_collections
-
-from bitnet_jax import datasets
-from bitnet_jax import input_pipeline
+from bitnet_jax import data
 
 
-def _config(image_shape, num_train, augment, workers, batch_size):
-  return ml_collections.ConfigDict(dict(
-      dataset="synthetic", data_dir=None, seed=0, batch_size=batch_size, eval_batch_size=batch_size,
-      augment=augment, num_workers=workers, max_train_examples=-1, max_eval_examples=-1,
-      synthetic_num_train=num_train, synthetic_num_test=batch_size,
-      synthetic_num_classes=10, synthetic_image_shape=image_shape))
+def measure(spec: data.DataSpec, batches: int, warmup: int = 20, **pipeline) -> float:
+  """Images/s over `batches` batches, after `warmup` batches (worker start-up, caches).
 
-
-def measure(config, batches: int, warmup: int = 20) -> float:
-  """Images/s over `batches` batches, after `warmup` batches (worker start-up, caches)."""
-  it = input_pipeline.create_train_iter(config)
+  `pipeline`: the keyword arguments of `data.train_iter` (batch_size, augment, num_workers).
+  """
+  it = data.train_iter(data.get_source(spec, "train"), data.get_dataset_info(spec), **pipeline)
   for _ in itertools.islice(it, warmup):
     pass
   start = time.perf_counter()
@@ -48,15 +40,17 @@ def main():
   parser.add_argument("--batches", type=int, default=300, help="timed batches per row")
   parser.add_argument("--batch_size", type=int, default=128)
   parser.add_argument("--workers", type=int, nargs="+", default=[0, 2],
-                      help="config.num_workers values to try")
+                      help="num_workers values to try")
   args = parser.parse_args()
   rows = [((32, 32, 3), 50_000), ((64, 64, 3), 10_000)]
   print(f'{"dataset shape":>15} {"examples":>9} {"augment":>10} {"workers":>8} {"images/s":>10}')
   for (shape, num_train), augment, workers in itertools.product(rows, ("none", "crop_flip"),
                                                                  args.workers):
-    config = _config(shape, num_train, augment, workers, args.batch_size)
-    datasets.get_dataset_info(config)  # generate the data outside the timing
-    rate = measure(config, args.batches)
+    spec = data.DataSpec("synthetic", synthetic_num_train=num_train,
+                         synthetic_num_test=args.batch_size, synthetic_image_shape=shape)
+    data.get_dataset_info(spec)  # generate the data outside the timing
+    rate = measure(spec, args.batches, batch_size=args.batch_size, augment=augment,
+                   num_workers=workers)
     print(f'{"x".join(map(str, shape)):>15} {num_train:>9} {augment:>10} {workers:>8} '
           f"{rate:>10,.0f}", flush=True)
 

@@ -46,13 +46,13 @@ def _peak_rss_mib() -> float:
 
 def _config_and_info(args):
   """The default config at this run's size, and a synthetic 10-class 32x32 RGB dataset."""
-  from bitnet_jax import datasets  # pylint: disable=import-outside-toplevel
+  from bitnet_jax import data  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
   config = default.get_config()
   config.update(fs=args.fs, time_steps=args.t, batch_size=args.batch, engine=args.engine,
                 remat=args.remat, chunk=args.chunk)
-  info = datasets.DatasetInfo(name="synthetic", num_classes=10, image_shape=(32, 32, 3),
-                              num_train=1000, num_test=100, mean=(0.5,) * 3, std=(0.25,) * 3)
+  info = data.DatasetInfo(name="synthetic", num_classes=10, image_shape=(32, 32, 3),
+                          num_train=1000, num_test=100, mean=(0.5,) * 3, std=(0.25,) * 3)
   return config, info
 
 

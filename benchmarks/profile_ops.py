@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import compare
-from bitnet_jax import run_config, datasets, input_pipeline, models, sharding, trainer
+from bitnet_jax import data, models, run_config, sharding, trainer
 import bitnet_jax
 from configs import default
 
@@ -59,9 +59,9 @@ def train_step(args, params, images, labels):
                 remat=args.remat, chunk=args.chunk, synapses=args.synapses, optimizer="sgd",
                 learning_rate=0.01, momentum=0.9, weight_decay=0.0, grad_clip=0.0,
                 schedule="constant", warmup_epochs=0.0)
-  info = datasets.DatasetInfo(name="synthetic", num_classes=args.classes,
-                              image_shape=images.shape[1:], num_train=len(images), num_test=1,
-                              mean=compare.CIFAR_MEAN, std=compare.CIFAR_STD)
+  info = data.DatasetInfo(name="synthetic", num_classes=args.classes,
+                          image_shape=images.shape[1:], num_train=len(images), num_test=1,
+                          mean=compare.CIFAR_MEAN, std=compare.CIFAR_STD)
   config, _ = run_config.resolve(config)  # compute_dtype, matmul_precision: this platform's auto
   module = run_config.make_module(config, info)
   tx = trainer.make_optimizer(config, 1, 1000)
@@ -78,7 +78,7 @@ def eval_step(args, params, images):
   """(run, params, compiled): run(params) computes the batch's spike counts, returns params."""
   module = models.BITnet6(fs=args.fs, num_classes=args.classes,
                           sparse=args.synapses == "sparse")
-  x = input_pipeline.normalize(images, compare.CIFAR_MEAN, compare.CIFAR_STD)
+  x = data.normalize(images, compare.CIFAR_MEAN, compare.CIFAR_STD)
   f = jax.jit(lambda p: bitnet_jax.run(module, p, x, args.steps, engine="parallel",
                                        chunk=args.chunk).out_spikes.sum(0))
   compiled = f.lower(params).compile()

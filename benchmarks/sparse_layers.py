@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import compare
-from bitnet_jax import input_pipeline
+from bitnet_jax import data
 from bitnet_jax import models
 from bitnet_jax import neuron
 from bitnet_jax.kernels import spike_conv
@@ -68,7 +68,7 @@ def main(argv=None):
   images_u8, _ = compare.make_batch(args.batch, 10, args.seed)
   params, _ = compare.calibrate(args.fs, 10, images_u8[:8], gain=2.0, steps=50, seed=args.seed)
   module = models.BITnet6(fs=args.fs, num_classes=10)
-  images = input_pipeline.normalize(images_u8, compare.CIFAR_MEAN, compare.CIFAR_STD)
+  images = data.normalize(images_u8, compare.CIFAR_MEAN, compare.CIFAR_STD)
   history = layer_inputs(module, params, images, args.step, args.block)
   inputs = {name: xs[-1] for name, xs in history.items()}
 

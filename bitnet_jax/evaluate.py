@@ -11,9 +11,8 @@ import numpy as np
 
 from bitnet_jax import run_config
 from bitnet_jax import checkpointing
-from bitnet_jax import datasets
+from bitnet_jax import data
 from bitnet_jax import engines
-from bitnet_jax import input_pipeline
 from bitnet_jax import interop
 from bitnet_jax import sharding
 from bitnet_jax import losses
@@ -58,7 +57,7 @@ def make_eval_step(module, *, time_steps: int, mean, std, loss: str = "mse_rate"
 
   @jax.jit
   def eval_step(params, batch):
-    images = input_pipeline.normalize(batch["image"], mean, std)  # (B, H, W, C)
+    images = data.normalize(batch["image"], mean, std)  # (B, H, W, C)
     labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
     if neuron == "relu":
       scores, layer_active = twin.forward(module, params, images)    # (B, K), (B, 6)
@@ -139,7 +138,7 @@ def run_evaluation(config, *, workdir: str | None = None, which: str = "best",
   if jax.process_index() == 0:
     for line in (resolution.describe(),) + resolution.notes:
       log(line)
-  info = datasets.get_dataset_info(config)
+  info = run_config.dataset_info(config)
   module = run_config.make_module(config, info)
   if torch_ckpt:
     params = interop.to_flax_params(
@@ -163,7 +162,7 @@ def run_evaluation(config, *, workdir: str | None = None, which: str = "best",
                              loss=config.loss, logit_scale=config.logit_scale,
                              engine=config.engine, chunk=chunk_of(config), sweep=sweep,
                              score=score, neuron=neuron)
-  sums = evaluate(eval_step, params, input_pipeline.create_eval_iter(config, info), mesh)
+  sums = evaluate(eval_step, params, run_config.eval_iter(config, info), mesh)
   result = summarize(sums, module, 1 if neuron == "relu" else time_steps, sweep)
   result.update(checkpoint=source, dataset=info.name, score=score)
   return result

@@ -1,15 +1,17 @@
 """The config of a run, read once: its checks, its `auto` fields resolved, and what it builds.
 
-Both the trainer and evaluation build their model here (and the benchmarks too), so neither
-imports the other for it. The device mesh is `sharding.data_mesh()`.
+Both the trainer and evaluation build their model and their data here (and the benchmarks too),
+so neither imports the other for it, and the libraries below take plain arguments. The device
+mesh is `sharding.data_mesh()`.
 """
 
+import dataclasses
 import os
 
 import jax
 import ml_collections
 
-from bitnet_jax import datasets
+from bitnet_jax import data
 from bitnet_jax import defaults
 from bitnet_jax import errors
 from bitnet_jax import engines
@@ -38,6 +40,8 @@ def _validate(config):
   def need(ok, msg):
     if not ok:
       raise errors.ConfigError(f"config: {msg}")
+  data_spec(config)
+  _pipeline_args(config)
   need(config.variant in models.VARIANTS,
        f"variant must be one of {tuple(models.VARIANTS)}, got {config.variant!r}")
   need(config.fs > 0, f"fs must be > 0, got {config.fs}")
@@ -91,7 +95,7 @@ def _validate(config):
          f"devices; use a multiple of {n}")
 
 
-def make_module(config, info: datasets.DatasetInfo) -> models.BITnet6:
+def make_module(config, info: data.DatasetInfo) -> models.BITnet6:
   """The module of a resolved `config` (no "auto" left: `resolve`) for the images and classes of
   `info`."""
   if not defaults.is_resolved(config):
@@ -143,3 +147,92 @@ def resolve(config, *, stored: dict | None = None, fidelity: bool = False):
   config = defaults.apply(config, resolution)
   validate_config(config)
   return config, resolution
+
+
+# ------------------------------------------------------------------------------------------
+# Data: the config's fields as the data package's arguments.
+
+_SYNTHETIC_FIELDS = tuple(f.name for f in dataclasses.fields(data.DataSpec)
+                          if f.name.startswith("synthetic_"))
+
+
+def data_spec(config) -> data.DataSpec:
+  """The dataset of `config`: its `dataset`, `data_dir` and `synthetic_*` fields."""
+  return data.DataSpec(config.get("dataset", None), data_dir=config.get("data_dir", None),
+                       **{f: config[f] for f in _SYNTHETIC_FIELDS if f in config})
+
+
+def dataset_info(config) -> data.DatasetInfo:
+  """`data.get_dataset_info` of the dataset of `config`."""
+  return data.get_dataset_info(data_spec(config))
+
+
+def source(config, split: str) -> data.Source:
+  """Split `split` ('train' or 'test') of the dataset of `config`, for random access."""
+  return data.get_source(data_spec(config), split)
+
+
+def num_examples(config, info: data.DatasetInfo, split: str) -> int:
+  """Examples of `split` used: the whole split, or its first `config.max_*_examples`."""
+  return data.num_examples(info, split, _max_examples(config, split))
+
+
+def steps_per_epoch(config, info: data.DatasetInfo) -> int:
+  """Training steps per epoch of `config.batch_size` (incomplete last batch dropped)."""
+  return data.steps_per_epoch(info, config.batch_size, _max_examples(config, "train"))
+
+
+def num_eval_batches(config, info: data.DatasetInfo, split: str = "test") -> int:
+  """Padded batches of `config.eval_batch_size` that cover `split`."""
+  return data.num_eval_batches(info, config.eval_batch_size, split, _max_examples(config, split))
+
+
+def train_iter(config, info: data.DatasetInfo | None = None):
+  """`data.train_iter` over the training split, with the config's batch_size, seed, augment,
+  max_train_examples and num_workers; `info` is computed if None."""
+  args = _pipeline_args(config)
+  return data.train_iter(source(config, "train"), info or dataset_info(config),
+                         batch_size=config.batch_size, seed=args["seed"], augment=args["augment"],
+                         max_examples=args["max_train_examples"],
+                         num_workers=args["num_workers"])
+
+
+def eval_iter(config, info: data.DatasetInfo | None = None, split: str = "test"):
+  """`data.eval_iter` over `split` ('test': Tiny-ImageNet's val/; or 'train'), with the
+  config's eval_batch_size, max_eval_examples and num_workers; `info` is computed if None."""
+  args = _pipeline_args(config)
+  return data.eval_iter(source(config, split), info or dataset_info(config),
+                        batch_size=config.eval_batch_size,
+                        max_examples=_max_examples(config, split), num_workers=args["num_workers"])
+
+
+def _max_examples(config, split: str) -> int:
+  """`config.max_train_examples` for the 'train' split, else `config.max_eval_examples`."""
+  field = "max_train_examples" if split == "train" else "max_eval_examples"
+  return _pipeline_args(config)[field]
+
+
+def _pipeline_args(config) -> dict:
+  """The pipeline's optional fields, checked: {augment, seed, max_train_examples,
+  max_eval_examples, num_workers}.
+
+  Raises:
+    errors.ConfigError: naming the field, what it must be and what it is.
+  """
+  augment = config.get("augment", "none")
+  if augment not in data.AUGMENTATIONS:
+    raise errors.ConfigError(f"Unknown config.augment {augment!r}; expected one of "
+                             f"{data.AUGMENTATIONS}.")
+  seed = config.get("seed", 0)
+  if not 0 <= seed < 2**32:
+    raise errors.ConfigError(f"config.seed must be in [0, 2**32), found {seed}.")
+  args = {"augment": augment, "seed": seed}
+  for field in ("max_train_examples", "max_eval_examples"):
+    args[field] = config.get(field, -1)
+    if args[field] != -1 and args[field] < 1:
+      raise errors.ConfigError(f"config.{field} must be -1 (whole split) or >= 1, found "
+                               f"{args[field]}.")
+  args["num_workers"] = config.get("num_workers", 0)
+  if args["num_workers"] < 0:
+    raise errors.ConfigError(f"config.num_workers must be >= 0, found {args['num_workers']}.")
+  return args

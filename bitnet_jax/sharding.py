@@ -2,7 +2,7 @@
 
 Training and evaluation split every global batch over a 1-D mesh (axis "data") of every device
 of every process; parameters and optimizer state are replicated on it. Each process feeds its
-own slice of the batch (`input_pipeline`), and `shard_batch` assembles the slices into global
+own slice of the batch (`data.pipeline`), and `shard_batch` assembles the slices into global
 arrays.
 """
 

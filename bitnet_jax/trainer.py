@@ -32,10 +32,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from bitnet_jax import run_config
 from bitnet_jax import checkpointing
 from bitnet_jax import console as console_lib
-from bitnet_jax import datasets
+from bitnet_jax import data
 from bitnet_jax import engines
 from bitnet_jax import evaluate as evaluate_lib
-from bitnet_jax import input_pipeline
 from bitnet_jax import sharding
 from bitnet_jax import losses
 from bitnet_jax import twin
@@ -79,7 +78,7 @@ def make_train_step(module, config, tx, info, mesh):
   relu_twin = twin.neuron_of(config) == "relu"
 
   def loss_fn(params, batch):
-    images = input_pipeline.normalize(batch["image"], mean, std)          # (B, H, W, C)
+    images = data.normalize(batch["image"], mean, std)          # (B, H, W, C)
     if relu_twin:  # the seed's baseline: one pass, softmax cross-entropy on the logits
       logits, _ = twin.forward(module, params, images)                    # (B, K)
       return twin.per_example_loss(logits, batch["label"]).mean(), logits
@@ -103,7 +102,7 @@ def make_train_step(module, config, tx, info, mesh):
   return jax.jit(train_step, donate_argnums=0, out_shardings=(replicated, replicated))
 
 
-def standalone_train_step(config, info: datasets.DatasetInfo):
+def standalone_train_step(config, info: data.DatasetInfo):
   """The real jitted train step of `config` outside the training loop (benchmarks, compile
   tests), on a `data` mesh over all devices, with a schedule of 100 steps per epoch.
 
@@ -117,7 +116,7 @@ def standalone_train_step(config, info: datasets.DatasetInfo):
   return make_train_step(module, config, tx, info, mesh), functools.partial(init_state, module, tx)
 
 
-def compile_train_step(config, info: datasets.DatasetInfo):
+def compile_train_step(config, info: data.DatasetInfo):
   """`standalone_train_step` compiled for abstract inputs (a batch of `config.batch_size`):
   nothing is allocated, so full-size models compile on a small machine; the result's
   `memory_analysis()` gives the step's memory."""
@@ -241,8 +240,8 @@ def _from_twin(config, info, module, tx, arch: dict, mesh, log) -> TrainState:
     raise ValueError(f"init_from={config.init_from!r} is a BITnet run, not a ReLU twin (train one "
                      "with python -m bitnet_jax.baseline)")
   n = min(config.balance_examples, info.num_train)
-  images, _ = datasets.get_source(config, "train").read(np.arange(n))   # (n, H, W, C) uint8
-  images = input_pipeline.normalize(jnp.asarray(images), info.mean, info.std)
+  images, _ = run_config.source(config, "train").read(np.arange(n))   # (n, H, W, C) uint8
+  images = data.normalize(jnp.asarray(images), info.mean, info.std)
   params, lams = twin.balance(module, params, images, config.balance_percentile)
   log(f"init from the ReLU twin {meta['source']}: layer scales "
       + ", ".join(f"{lam:.3g}" for lam in lams))
@@ -270,7 +269,7 @@ def _restore_or_init(ckpts, train_iter, init, arch: dict, mesh, seed: int, log):
 def _validate(eval_step, params, config, info, module, mesh, step: int, steps_per_epoch: int):
   """Evaluates on the whole test split; the summary of `evaluate.summarize` with the epoch."""
   relu_twin = twin.neuron_of(config) == "relu"
-  sums = evaluate_lib.evaluate(eval_step, params, input_pipeline.create_eval_iter(config, info),
+  sums = evaluate_lib.evaluate(eval_step, params, run_config.eval_iter(config, info),
                                mesh)
   result = evaluate_lib.summarize(sums, module, 1 if relu_twin else config.eval_time_steps)
   result["epoch"] = step / steps_per_epoch
@@ -287,8 +286,8 @@ def _header(config, info, module, state, resolution, steps_per_epoch, total_step
   processes = jax.process_count()
   return [
       console_lib.describe_model(module, n_params, relu_twin) + steps,
-      f"data: {info.name}, {input_pipeline.num_examples(config, info, 'train'):,} training / "
-      f"{input_pipeline.num_examples(config, info, 'test'):,} test images, batch "
+      f"data: {info.name}, {run_config.num_examples(config, info, 'train'):,} training / "
+      f"{run_config.num_examples(config, info, 'test'):,} test images, batch "
       f"{config.batch_size} | {steps_per_epoch:,} steps/epoch, {total_steps:,} in all | "
       f"devices: {jax.device_count()} x {jax.devices()[0].platform} ({processes} "
       f"process{'es' if processes > 1 else ''})",
@@ -307,17 +306,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "saved_step".
   """
   config, resolution = run_config.resolve(config, stored=checkpointing.stored_config(workdir))
-  info = datasets.get_dataset_info(config)
+  info = run_config.dataset_info(config)
   module = run_config.make_module(config, info)
   arch = checkpointing.architecture(module)
   mesh = sharding.data_mesh()
-  steps_per_epoch = input_pipeline.steps_per_epoch(config, info)
+  steps_per_epoch = run_config.steps_per_epoch(config, info)
   total_steps = steps_per_epoch * config.num_epochs
   if config.max_train_steps > 0:
     total_steps = min(total_steps, config.max_train_steps)
   tx = make_optimizer(config, steps_per_epoch, total_steps)
 
-  train_iter = input_pipeline.create_train_iter(config, info)
+  train_iter = run_config.train_iter(config, info)
   os.makedirs(workdir, exist_ok=True)
   ckpts = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
   state, best_top1 = _restore_or_init(ckpts, train_iter, functools.partial(init_state, module, tx),

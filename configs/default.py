@@ -8,7 +8,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # Data (bitnet_jax/datasets.py, input_pipeline.py).
+  # Data (bitnet_jax/data/: registry.py, pipeline.py; read in run_config.py).
   c.dataset = "cifar10"           # cifar10 | cifar100 | fashion_mnist | mnist | tiny_imagenet | npz | synthetic
   c.data_dir = ""                 # local files (see README), TFDS data dir, or the .npz path; "" = TFDS default
   c.augment = "none"              # none (the release's loaders) | crop_flip (pad-4 crop + h-flip)

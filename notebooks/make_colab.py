@@ -290,14 +290,14 @@ def _cells() -> list:
       _md("prepare-md", """
         ## 5. Prepare the dataset
 
-        `python -m bitnet_jax.prepare NAME --data_dir DIR` downloads the dataset with TFDS and
+        `python -m bitnet_jax.cli.prepare NAME --data_dir DIR` downloads the dataset with TFDS and
         writes it as ArrayRecord files (in a child process; a prepared dataset is reused). With
         `PREPARE = False` the data is read from `DATA_DIR` as it is, e.g. the Fashion-MNIST subset
         shipped in `data/fashion_mnist_subset` (`DATASET = "fashion_mnist"`).
       """),
       _code("prepare", """
         if PREPARE:
-          run(sys.executable, "-m", "bitnet_jax.prepare", DATASET, "--data_dir", DATA_DIR)
+          run(sys.executable, "-m", "bitnet_jax.cli.prepare", DATASET, "--data_dir", DATA_DIR)
         else:
           print(f"PREPARE is False: skipped; {DATASET} is read from {DATA_DIR}")
       """),

@@ -14,9 +14,8 @@ import pytest
 from bitnet_jax import baseline
 from bitnet_jax import run_config
 from bitnet_jax import checkpointing
-from bitnet_jax import datasets
 from bitnet_jax import evaluate
-from bitnet_jax import input_pipeline
+from bitnet_jax.data import pipeline
 from bitnet_jax import trainer
 from bitnet_jax import twin
 from tests.test_train import ROOT, TINY, tiny_config
@@ -162,10 +161,10 @@ def test_init_from_a_twin_starts_the_bitnet_from_its_balanced_weights(tmp_path):
   trainer.train_and_evaluate(config, str(bitnet_dir))
   got, _ = checkpointing.load_params(str(bitnet_dir), "latest")
   relu, _ = checkpointing.load_params(str(relu_dir), "latest")
-  info = datasets.get_dataset_info(config)
+  info = run_config.dataset_info(config)
   module = run_config.make_module(run_config.resolve(config)[0], info)
-  images, _ = datasets.get_source(config, "train").read(np.arange(16))
-  expected, _ = twin.balance(module, relu, input_pipeline.normalize(
+  images, _ = run_config.source(config, "train").read(np.arange(16))
+  expected, _ = twin.balance(module, relu, pipeline.normalize(
       jnp.asarray(images), info.mean, info.std))
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

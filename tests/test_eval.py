@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 from bitnet_jax import run_config
-from bitnet_jax import datasets
 from bitnet_jax import evaluate
-from bitnet_jax import input_pipeline
 from bitnet_jax import interop
+from bitnet_jax.data import pipeline
 from bitnet_jax import reference
 from conftest import firing_params
 from tests.test_train import ROOT, TINY, tiny_config
@@ -24,7 +23,7 @@ MESH = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
 @pytest.fixture(scope="module")
 def setup():
   config = tiny_config(synthetic_num_test=21, eval_batch_size=8)
-  info = datasets.get_dataset_info(config)
+  info = run_config.dataset_info(config)
   module = run_config.make_module(run_config.resolve(config)[0], info)
   params = module.init(jax.random.PRNGKey(3), np.zeros((1, 32, 32, 3), np.float32))["params"]
   return config, info, module, firing_params(params, gain=2.5)
@@ -33,7 +32,7 @@ def setup():
 def _evaluate(setup, steps, **kwargs):
   config, info, module, params = setup
   step = evaluate.make_eval_step(module, time_steps=steps, mean=info.mean, std=info.std, **kwargs)
-  sums = evaluate.evaluate(step, params, input_pipeline.create_eval_iter(config, info), MESH)
+  sums = evaluate.evaluate(step, params, run_config.eval_iter(config, info), MESH)
   return evaluate.summarize(sums, module, steps, kwargs.get("sweep", ()))
 
 
@@ -49,8 +48,8 @@ def test_sparsity_equals_a_direct_count(setup):
   config, info, module, params = setup
   steps = 5
   result = _evaluate(setup, steps)
-  images, _ = datasets.get_source(config, "test").read(np.arange(21))
-  normalized = np.asarray(input_pipeline.normalize(images, info.mean, info.std), np.float64)
+  images, _ = run_config.source(config, "test").read(np.arange(21))
+  normalized = np.asarray(pipeline.normalize(images, info.mean, info.std), np.float64)
   ref = reference.run(interop.to_reference_weights(params),
                       normalized.transpose(0, 3, 1, 2), steps)
   neurons = np.array([np.prod(s.shape) for s in module.plan()])

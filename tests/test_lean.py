@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import bitnet_jax
-from bitnet_jax import datasets
+from bitnet_jax import data
 from bitnet_jax import engines
 from bitnet_jax import neuron
 from bitnet_jax import lean
@@ -133,7 +133,7 @@ def _train_step_memory(remat, chunk, steps, fs=0.125, batch=8):
   c = default.get_config()
   c.update(fs=fs, time_steps=steps, engine="parallel", remat=remat, chunk=chunk,
            batch_size=batch)
-  info = datasets.DatasetInfo(name="synthetic", num_classes=10, image_shape=(32, 32, 3),
+  info = data.DatasetInfo(name="synthetic", num_classes=10, image_shape=(32, 32, 3),
                               num_train=100, num_test=10, mean=(0.5,) * 3, std=(0.25,) * 3)
   m = trainer.compile_train_step(c, info).memory_analysis()
   if m is None:

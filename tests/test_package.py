@@ -43,6 +43,7 @@ def tiny_counts():
 # Also builds (or finds) the sparse-synapse kernel from the installed source.
 PROBE = COUNTS + """
 import json, sys
+import bitnet_jax.cli.runner, bitnet_jax.data  # the sub-packages are installed too
 from bitnet_jax.kernels import shared_library, spike_conv
 ok, why = spike_conv.available()
 np.save(sys.argv[1] + "/counts.npy", tiny_counts())

@@ -17,7 +17,6 @@ import pytest
 
 import bitnet_jax
 from bitnet_jax import run_config
-from bitnet_jax import datasets
 from bitnet_jax import evaluate
 from bitnet_jax import models
 from bitnet_jax.kernels import spike_conv
@@ -134,7 +133,7 @@ def lowered_train_step(precision, compute, engine, remat, chunk) -> str:
   config = tiny_config(matmul_precision=precision, compute_dtype=compute, engine=engine,
                        remat=remat, chunk=chunk, synapses="dense")
   run_config.validate_config(config)
-  info = datasets.get_dataset_info(config)
+  info = run_config.dataset_info(config)
   step, init = trainer.standalone_train_step(config, info)
   state = jax.eval_shape(init, jax.random.PRNGKey(0))
   return step.lower(state, _abstract_batch(info, train=True)).as_text()
@@ -145,7 +144,7 @@ def lowered_eval_step(precision, compute, engine, chunk) -> str:
   config = tiny_config(matmul_precision=precision, compute_dtype=compute, engine=engine,
                        chunk=chunk, synapses="dense")
   config, _ = run_config.resolve(config)
-  info = datasets.get_dataset_info(config)
+  info = run_config.dataset_info(config)
   module = run_config.make_module(config, info)
   dummy = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
   params = jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy)["params"]
@@ -208,7 +207,7 @@ def test_default_is_auto_and_highest_on_cpu():
   assert default.get_config().matmul_precision == "auto"
   assert models.BITnet6().lax_precision == jax.lax.Precision.HIGHEST
   config, _ = run_config.resolve(tiny_config())
-  module = run_config.make_module(config, datasets.get_dataset_info(config))
+  module = run_config.make_module(config, run_config.dataset_info(config))
   assert module.lax_precision == jax.lax.Precision.HIGHEST
 
 
@@ -219,7 +218,7 @@ def test_config_without_the_field_means_highest():
   assert "matmul_precision" not in config
   config, resolution = run_config.resolve(config, stored=None)
   assert "matmul_precision" not in resolution.auto  # filled by run_config.upgrade, not auto
-  module = run_config.make_module(config, datasets.get_dataset_info(config))
+  module = run_config.make_module(config, run_config.dataset_info(config))
   assert module.lax_precision == jax.lax.Precision.HIGHEST
 
 

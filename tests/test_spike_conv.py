@@ -10,7 +10,6 @@ import pytest
 
 import bitnet_jax
 from bitnet_jax import run_config
-from bitnet_jax import datasets
 from bitnet_jax.interop import release
 from bitnet_jax import reference
 from bitnet_jax.kernels import shared_library
@@ -322,7 +321,8 @@ def test_training_with_sparse_synapses(tmp_path):
   """`synapses="sparse"` end to end: the trainer builds a sparse model, trains and evaluates."""
   from test_train import tiny_config  # pylint: disable=import-outside-toplevel
   config = tiny_config(synapses="sparse", num_epochs=1, chunk=1)
-  assert run_config.make_module(run_config.resolve(config)[0], datasets.get_dataset_info(config)).sparse
+  assert run_config.make_module(run_config.resolve(config)[0],
+                                run_config.dataset_info(config)).sparse
   result = trainer.train_and_evaluate(config, str(tmp_path))
   assert result["n"] == 20 and 0 <= result["top1"] <= 1
   assert np.isfinite(result["loss"])

@@ -234,8 +234,8 @@ def test_seed_configs_compile_at_full_size(name):
 
 
 def _info(name, classes, hw):
-  from bitnet_jax import datasets
-  return datasets.DatasetInfo(name=name, num_classes=classes, image_shape=(hw, hw, 3),
+  from bitnet_jax import data
+  return data.DatasetInfo(name=name, num_classes=classes, image_shape=(hw, hw, 3),
                               num_train=1000, num_test=100, mean=(0.5,) * 3, std=(0.25,) * 3)
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 
 import run_study  # pylint: disable=wrong-import-position
-from bitnet_jax import run_config, checkpointing, datasets, input_pipeline, models, neuron  # pylint: disable=wrong-import-position
+from bitnet_jax import checkpointing, data, models, neuron, run_config  # pylint: disable=wrong-import-position
 
 
 def diagnose(name: str, n: int) -> dict:
@@ -36,14 +36,14 @@ def diagnose(name: str, n: int) -> dict:
   config.update(compute_dtype="float32", matmul_precision="highest", synapses="dense",
                 remat="none")  # the study's settings (before `auto`)
   config, _ = run_config.resolve(config)
-  info = datasets.get_dataset_info(config)
+  info = run_config.dataset_info(config)
   module = run_config.make_module(config, info)
   params, _ = checkpointing.load_params(os.path.join(run_study.WORKROOT, name), "latest")
   steps = config.time_steps
 
   @jax.jit
   def stats(images):
-    x0 = input_pipeline.normalize(images, info.mean, info.std)
+    x0 = data.normalize(images, info.mean, info.std)
     plan = module.plan()
     states = [jnp.zeros((x0.shape[0],) + s.shape) for s in plan]
     above = [0.0] * len(plan)
@@ -62,7 +62,7 @@ def diagnose(name: str, n: int) -> dict:
             jnp.sum(counts == steps, -1), counts)  # (6,), (6,), (B,) classes always on, (B, K)
 
   above, below, always_on, counts, labels = [], [], [], [], []
-  for batch in input_pipeline.create_eval_iter(config, info):
+  for batch in run_config.eval_iter(config, info):
     k = int(batch["mask"].sum())
     a, b, on, c = stats(batch["image"])
     above.append(np.asarray(a) * k)

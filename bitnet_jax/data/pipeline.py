@@ -2,16 +2,16 @@
 
 Batches are dicts of numpy arrays, `{'image': uint8 (b, H, W, C), 'label': int32 (b,)}`, plus
 `'mask': bool (b,)` on evaluation batches, where `b` is this process's share of the *global*
-batch (`config.batch_size` / `config.eval_batch_size` divided by `jax.process_count()`).
-`sharding.shard_batch` turns them into global `jax.Array`s split over the mesh axis 'data', and
-`normalize` (on the device, inside jit) maps uint8 to float32.
+batch (`batch_size` divided by `jax.process_count()`). `sharding.shard_batch` turns them into
+global `jax.Array`s split over the mesh axis 'data', and `normalize` (on the device, inside jit)
+maps uint8 to float32.
 
 Why grain on index batches. The pipeline is a `grain.MapDataset` of *example ids*:
 `range(N) -> shuffle -> batch(global) -> repeat -> map_with_index(read + augment)`. Every
 element is a pure function of its index, so
 
-* the order depends only on (config.seed, epoch): grain's `shuffle` draws a new permutation for
-  every epoch; the last incomplete batch of every epoch is dropped;
+* the order depends only on (seed, epoch): grain's `shuffle` draws a new permutation for every
+  epoch; the last incomplete batch of every epoch is dropped;
 * the iterator's state is just the next index (`{'next_index': k}`, a JSON-able dict), so a
   restored iterator yields exactly the batch an uninterrupted one would have;
 * every process computes the same *global* batch of ids and reads only its slice of it, and the
@@ -26,11 +26,10 @@ Evaluation batch `i` covers ids [i * E, (i + 1) * E) of the split (E = global ev
 past the end are padding (zero image, label 0, mask False), so over all processes and devices
 every example is counted exactly once.
 
-Config fields read here (besides those of `datasets.py`): `batch_size` (global training batch),
-`eval_batch_size` (global evaluation batch), `seed` (shuffle and augmentation, in [0, 2**32)),
-`augment` ('none' or 'crop_flip'), `max_train_examples` / `max_eval_examples` (use only the first
-k examples of the split; -1 = whole split), `num_workers` (grain worker processes; 0 = read in
-this process with a background thread).
+The arguments (`run_config.train_iter` and friends pass the config's fields): `batch_size` (the
+global batch), `seed` (shuffle and augmentation, in [0, 2**32)), `augment` ('none' or
+'crop_flip'), `max_examples` (use only the first k examples of the split; -1 = whole split),
+`num_workers` (grain worker processes; 0 = read in this process with a background thread).
 """
 
 from absl import flags
@@ -39,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax import datasets
+from bitnet_jax.data import source as source_lib
 
 AUGMENTATIONS = ("none", "crop_flip")
 
@@ -51,38 +50,48 @@ _PREFETCH_BATCHES = 4
 # Sizes.
 
 
-def num_examples(config, info: datasets.DatasetInfo, split: str) -> int:
-  """Examples of `split` used: the whole split, or its first `max_*_examples`."""
-  total = info.num_examples(split)
-  field = "max_train_examples" if split == "train" else "max_eval_examples"
-  limit = config.get(field, -1)
-  if limit == -1:
-    return total
-  if limit < 1:
-    raise ValueError(f"config.{field} must be -1 (whole split) or >= 1, found {limit}.")
-  return min(limit, total)
+def num_examples(info: source_lib.DatasetInfo, split: str, max_examples: int = -1) -> int:
+  """Examples of `split` used: the whole split (`max_examples` -1), or its first
+  `max_examples`."""
+  return _used(info.num_examples(split), max_examples)
 
 
-def steps_per_epoch(config, info: datasets.DatasetInfo) -> int:
-  """Training steps per epoch (incomplete last batch dropped)."""
-  n = num_examples(config, info, "train")
-  steps = n // config.batch_size
+def steps_per_epoch(info: source_lib.DatasetInfo, batch_size: int, max_examples: int = -1) -> int:
+  """Training steps per epoch of global batches of `batch_size` (incomplete last batch dropped).
+
+  Raises:
+    ValueError: if the batch is larger than the training examples used.
+  """
+  n = num_examples(info, "train", max_examples)
+  steps = n // batch_size
   if steps < 1:
-    raise ValueError(f"config.batch_size={config.batch_size} is larger than the {n} training "
-                     f"examples of {info.name!r}.")
+    raise ValueError(f"batch_size={batch_size} is larger than the {n} training examples of "
+                     f"{info.name!r}.")
   return steps
 
 
-def num_eval_batches(config, info: datasets.DatasetInfo, split: str = "test") -> int:
-  """Padded evaluation batches that cover `split` (the last one partly padding)."""
-  return -(-num_examples(config, info, split) // config.eval_batch_size)  # ceil
+def num_eval_batches(info: source_lib.DatasetInfo, batch_size: int, split: str = "test",
+                     max_examples: int = -1) -> int:
+  """Padded evaluation batches of `batch_size` that cover `split` (the last one partly
+  padding)."""
+  return -(-num_examples(info, split, max_examples) // batch_size)  # ceil
+
+
+def _used(total: int, max_examples: int) -> int:
+  if max_examples == -1:
+    return total
+  if max_examples < 1:
+    raise ValueError(f"max_examples must be -1 (whole split) or >= 1, found {max_examples}.")
+  return min(max_examples, total)
 
 
 # ------------------------------------------------------------------------------------------
 # Iterators.
 
 
-def create_train_iter(config, info: datasets.DatasetInfo | None = None) -> grain.DatasetIterator:
+def train_iter(source: source_lib.Source, info: source_lib.DatasetInfo, *, batch_size: int,
+               seed: int = 0, augment: str = "none", max_examples: int = -1,
+               num_workers: int = 0) -> grain.DatasetIterator:
   """Endless iterator over this process's training batches, epoch after epoch.
 
   Save and restore its position with `it.get_state()` / `it.set_state(state)` (a JSON-able
@@ -90,64 +99,67 @@ def create_train_iter(config, info: datasets.DatasetInfo | None = None) -> grain
   `grain.checkpoint.CheckpointRestore(it)` (one JSON file per process).
 
   Args:
-    config: see the module docstring and `datasets.py`.
-    info: `datasets.get_dataset_info(config)`, computed if None.
+    source: the training split (`get_source(spec, 'train')`).
+    info: the dataset's `DatasetInfo` (`get_dataset_info(spec)`).
+    batch_size: the global batch, divisible by the processes and the devices.
+    seed: shuffle and augmentation seed, in [0, 2**32).
+    augment: one of `AUGMENTATIONS`.
+    max_examples: train on the first k examples only; -1 = the whole split.
+    num_workers: grain worker processes; 0 = a background thread of this process.
 
   Returns:
     A `grain.DatasetIterator` of `{'image': uint8 (b, H, W, C), 'label': int32 (b,)}` with
-    b = config.batch_size // jax.process_count().
+    b = batch_size // jax.process_count().
+
+  Raises:
+    ValueError: on arguments out of range, naming them.
   """
-  info = info or datasets.get_dataset_info(config)
-  augment = config.get("augment", "none")
   if augment not in AUGMENTATIONS:
-    raise ValueError(f"Unknown config.augment {augment!r}; expected one of {AUGMENTATIONS}.")
-  seed = config.get("seed", 0)
+    raise ValueError(f"Unknown augment {augment!r}; expected one of {AUGMENTATIONS}.")
   if not 0 <= seed < 2**32:
-    raise ValueError(f"config.seed must be in [0, 2**32), found {seed}.")
-  global_batch = config.batch_size
-  local_batch = _local_batch(global_batch, "batch_size")
-  steps_per_epoch(config, info)  # fails early if the batch exceeds the data
-  n = num_examples(config, info, "train")
-  read = _TrainBatch(datasets.get_source(config, "train"), local_batch, augment, seed,
-                     pad=info.image_shape[0] // 8)
-  # grain reshuffles epoch e with seed + e; hashing config.seed first keeps runs with
+    raise ValueError(f"seed must be in [0, 2**32), found {seed}.")
+  local_batch = _local_batch(batch_size, "training batch")
+  steps_per_epoch(info, batch_size, max_examples)  # fails early if the batch exceeds the data
+  n = _used(len(source), max_examples)
+  read = _TrainBatch(source, local_batch, augment, seed, pad=info.image_shape[0] // 8)
+  # grain reshuffles epoch e with seed + e; hashing the seed first keeps runs with
   # neighbouring seeds (0, 1, ...) from sharing shifted epoch orders.
   shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])  # in [0, 2**32)
   ds = (grain.MapDataset.range(n)                    # example ids
         .shuffle(seed=shuffle_seed)                  # a new permutation per epoch
-        .batch(global_batch, drop_remainder=True)    # (global_batch,) ids, within one epoch
+        .batch(batch_size, drop_remainder=True)      # (batch_size,) ids, within one epoch
         .repeat(None)                                # endless; index = global step
         .map_with_index(read))
-  return _to_iterator(ds, config)
+  return _to_iterator(ds, num_workers)
 
 
-def create_eval_iter(config, info: datasets.DatasetInfo | None = None,
-                     split: str = "test") -> grain.DatasetIterator:
-  """Finite iterator over this process's padded evaluation batches of `split`.
+def eval_iter(source: source_lib.Source, info: source_lib.DatasetInfo, *, batch_size: int,
+              max_examples: int = -1, num_workers: int = 0) -> grain.DatasetIterator:
+  """Finite iterator over this process's padded evaluation batches of `source`.
 
   Args:
-    config: see the module docstring and `datasets.py`.
-    info: `datasets.get_dataset_info(config)`, computed if None.
-    split: 'test' (Tiny-ImageNet: its val/ folder) or 'train'.
+    source: the split to evaluate on (`get_source(spec, 'test')`; Tiny-ImageNet: its val/).
+    info: the dataset's `DatasetInfo`.
+    batch_size: the global evaluation batch, divisible by the processes and the devices.
+    max_examples: evaluate on the first k examples only; -1 = the whole split.
+    num_workers: grain worker processes; 0 = a background thread of this process.
 
   Returns:
-    A `grain.DatasetIterator` of `num_eval_batches(config, info, split)` batches
+    A `grain.DatasetIterator` of ceil(examples / batch_size) batches (`num_eval_batches`)
     `{'image': uint8 (b, H, W, C), 'label': int32 (b,), 'mask': bool (b,)}` with
-    b = config.eval_batch_size // jax.process_count(); mask is False on padding.
+    b = batch_size // jax.process_count(); mask is False on padding.
   """
-  info = info or datasets.get_dataset_info(config)
-  local_batch = _local_batch(config.eval_batch_size, "eval_batch_size")
-  read = _EvalBatch(datasets.get_source(config, split), num_examples(config, info, split),
-                    local_batch, info.image_shape)
-  ds = grain.MapDataset.range(num_eval_batches(config, info, split)).map_with_index(read)
-  return _to_iterator(ds, config)
+  local_batch = _local_batch(batch_size, "evaluation batch")
+  n = _used(len(source), max_examples)
+  read = _EvalBatch(source, n, local_batch, info.image_shape)
+  ds = grain.MapDataset.range(-(-n // batch_size)).map_with_index(read)
+  return _to_iterator(ds, num_workers)
 
 
-def _to_iterator(ds: grain.MapDataset, config) -> grain.DatasetIterator:
-  """Reads ahead in a background thread, or in `config.num_workers` processes."""
-  num_workers = config.get("num_workers", 0)
+def _to_iterator(ds: grain.MapDataset, num_workers: int) -> grain.DatasetIterator:
+  """Reads ahead in a background thread, or in `num_workers` processes."""
   if num_workers < 0:
-    raise ValueError(f"config.num_workers must be >= 0, found {num_workers}.")
+    raise ValueError(f"num_workers must be >= 0, found {num_workers}.")
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
                                             prefetch_buffer_size=_PREFETCH_BATCHES))
   if num_workers:
@@ -159,21 +171,21 @@ def _to_iterator(ds: grain.MapDataset, config) -> grain.DatasetIterator:
   return iter(ds)
 
 
-def _local_batch(global_batch: int, name: str) -> int:
+def _local_batch(global_batch: int, what: str) -> int:
   """This process's share of a global batch; checks that processes and devices divide it."""
   if global_batch < 1:
-    raise ValueError(f"config.{name} must be >= 1, found {global_batch}.")
-  for what, count in (("processes", jax.process_count()), ("devices", jax.device_count())):
+    raise ValueError(f"batch_size (the global {what}) must be >= 1, found {global_batch}.")
+  for kind, count in (("processes", jax.process_count()), ("devices", jax.device_count())):
     if global_batch % count:
-      raise ValueError(f"config.{name}={global_batch} (the global batch) must be divisible by "
-                       f"the number of {what}, {count}.")
+      raise ValueError(f"batch_size={global_batch} (the global {what}) must be divisible by "
+                       f"the number of {kind}, {count}.")
   return global_batch // jax.process_count()
 
 
 class _TrainBatch:
   """Reads (and augments) this process's slice of a global batch of example ids."""
 
-  def __init__(self, source: datasets.Source, local_batch: int, augment: str, seed: int,
+  def __init__(self, source: source_lib.Source, local_batch: int, augment: str, seed: int,
                pad: int):
     self.source = source
     self.start = jax.process_index() * local_batch
@@ -198,7 +210,7 @@ class _TrainBatch:
 class _EvalBatch:
   """Reads this process's slice of padded evaluation batch `index`."""
 
-  def __init__(self, source: datasets.Source, n: int, local_batch: int,
+  def __init__(self, source: source_lib.Source, n: int, local_batch: int,
                image_shape: tuple[int, int, int]):
     self.source = source
     self.n = n

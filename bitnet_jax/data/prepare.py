@@ -1,6 +1,9 @@
 """Prepares a TFDS dataset as ArrayRecord files, the format that training reads.
 
-  python -m bitnet_jax.prepare cifar10|cifar100|mnist|fashion_mnist [--data_dir DIR] [--overwrite]
+The command is `bitnet_jax/cli/prepare.py`:
+
+  python -m bitnet_jax.cli.prepare cifar10|cifar100|mnist|fashion_mnist [--data_dir DIR]
+      [--overwrite]
 
 `data_dir` is the TFDS data dir (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets); give
 training the same folder as `--config.data_dir`. TFDS downloads the files (network) and writes
@@ -27,19 +30,17 @@ the first N examples of each split (TFDS's `max_examples_per_split`) to keep tha
 Neither is meant for anything else.
 """
 
-import argparse
 import importlib.util
 import os
-import shlex
 import subprocess
 import sys
 import time
 
 from etils import epath
 
-from bitnet_jax import datasets
+from bitnet_jax.data import tfds
 
-NAMES = datasets.TFDS_NAMES
+NAMES = tfds.NAMES
 # What preparing imports beyond requirements.txt, and the pip package of each. TFDS's builders
 # need importlib_resources, which TFDS 4.9.10 declares only for Python < 3.9
 # (tensorflow/datasets#11212).
@@ -47,14 +48,6 @@ NEEDS = {"tensorflow": "tensorflow-cpu", "importlib_resources": "importlib_resou
 TEST_DOWNLOADS_ENV = "BITNET_JAX_TEST_DOWNLOADS_FROM"
 TEST_MAX_EXAMPLES_ENV = "BITNET_JAX_TEST_MAX_EXAMPLES_PER_SPLIT"
 _CANNOT_IMPORT = 3  # exit status of the child when it cannot import a module of NEEDS
-
-
-def _command(name: str, data_dir: str | None, overwrite: bool = False) -> str:
-  """The shell command that prepares `name` in `data_dir` (for messages)."""
-  cmd = f"python -m bitnet_jax.prepare {name}"
-  if data_dir:
-    cmd += f" --data_dir {shlex.quote(data_dir)}"
-  return cmd + (" --overwrite" if overwrite else "")
 
 
 def prepare(name: str, data_dir: str | None = None, *, overwrite: bool = False,
@@ -87,15 +80,15 @@ def prepare(name: str, data_dir: str | None = None, *, overwrite: bool = False,
     raise ModuleNotFoundError(_needs(name, f"not installed here: {', '.join(missing)}", missing))
   if data_dir and "://" not in data_dir:  # a local folder, not e.g. gs://bucket/tfds
     data_dir = os.path.abspath(os.path.expanduser(data_dir))
-  path, formats = datasets.tfds_prepared(name, data_dir or None)
+  path, formats = tfds.tfds_prepared(name, data_dir or None)
   if "array_record" in formats:
     print(f"{name} is already prepared as ArrayRecord in {path}; nothing to do.", flush=True)
     return path
   if formats and not overwrite:
     raise FileExistsError(
         f"{path} holds a {'/'.join(formats)} preparation of {name}, not ArrayRecord; TFDS would "
-        f"reuse it. Replace it with `{_command(name, data_dir, overwrite=True)}` (the downloads "
-        "are kept), or choose another --data_dir.")
+        f"reuse it. Replace it with `{tfds.prepare_command(name, data_dir, overwrite=True)}` "
+        "(the downloads are kept), or choose another --data_dir.")
   if formats:  # TFDS cannot change the format of a preparation in place
     print(f"Removing the {'/'.join(formats)} preparation in {path} (--overwrite).", flush=True)
     epath.Path(path).rmtree()
@@ -103,19 +96,19 @@ def prepare(name: str, data_dir: str | None = None, *, overwrite: bool = False,
         "accelerators) ...", flush=True)
   start = time.monotonic()
   env = dict(os.environ, CUDA_VISIBLE_DEVICES="", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds bitnet_jax/
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-  child = [sys.executable, "-m", "bitnet_jax.prepare", name, "--child"]
+  cmd = [sys.executable, "-m", "bitnet_jax.cli.prepare", name, "--child"]  # runs `child`
   if data_dir:
-    child += ["--data_dir", data_dir]
-  status = subprocess.run(child, env=env, timeout=timeout_s, check=False).returncode
+    cmd += ["--data_dir", data_dir]
+  status = subprocess.run(cmd, env=env, timeout=timeout_s, check=False).returncode
   if status == _CANNOT_IMPORT:
     raise ModuleNotFoundError(_needs(name, "the child process cannot import one of them; the "
                                      "reason is above", list(NEEDS)))
   if status != 0:
     raise RuntimeError(f"Preparing {name} in {path} failed: the child process exited with "
                        f"status {status}; its output is above.")
-  path, formats = datasets.tfds_prepared(name, data_dir)
+  path, formats = tfds.tfds_prepared(name, data_dir)
   if "array_record" not in formats:
     raise RuntimeError(f"Preparing {name} ended without error, but {path} holds no ArrayRecord "
                        f"preparation (file formats found: {list(formats) or 'none'}).")
@@ -130,8 +123,10 @@ def _needs(name: str, found: str, modules: list[str]) -> str:
           f"pip install {' '.join(NEEDS[m] for m in modules)}")
 
 
-def _child(name: str, data_dir: str | None) -> None:
-  """Runs TFDS's download_and_prepare (ArrayRecord); the body of the child process."""
+def child(name: str, data_dir: str | None) -> None:
+  """Runs TFDS's download_and_prepare (ArrayRecord): the body of the child process of `prepare`
+  (`python -m bitnet_jax.cli.prepare NAME --child`); exits with status 3 if it cannot import
+  what preparing needs."""
   try:
     import importlib_resources  # pylint: disable=import-outside-toplevel,unused-import
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -139,12 +134,12 @@ def _child(name: str, data_dir: str | None) -> None:
     print(f"Cannot import a module that preparing needs: {e}", file=sys.stderr, flush=True)
     sys.exit(_CANNOT_IMPORT)
   tf.config.set_visible_devices([], "GPU")  # belt and braces with CUDA_VISIBLE_DEVICES=''
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets  # pylint: disable=import-outside-toplevel
   if os.environ.get(TEST_DOWNLOADS_ENV):
     _serve_downloads_from(os.environ[TEST_DOWNLOADS_ENV])
   max_examples = int(os.environ.get(TEST_MAX_EXAMPLES_ENV, 0)) or None  # test hook
-  config = tfds.download.DownloadConfig(max_examples_per_split=max_examples)
-  builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+  config = tensorflow_datasets.download.DownloadConfig(max_examples_per_split=max_examples)
+  builder = tensorflow_datasets.builder(name, data_dir=data_dir, file_format="array_record")
   builder.download_and_prepare(file_format="array_record", download_config=config)
 
 
@@ -166,26 +161,3 @@ def _serve_downloads_from(folder: str) -> None:
   # pylint: disable-next=protected-access
   download_manager.DownloadManager._download_or_get_cache = local_file
 
-
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-      prog="python -m bitnet_jax.prepare",
-      description="Prepares a TFDS dataset as ArrayRecord (the format training reads).")
-  parser.add_argument("name", choices=NAMES)
-  parser.add_argument("--data_dir", default=None,
-                      help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace a preparation in another format (TFRecord)")
-  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
-  if args.child:
-    _child(args.name, args.data_dir)
-    return
-  try:
-    prepare(args.name, args.data_dir, overwrite=args.overwrite)
-  except (FileExistsError, ModuleNotFoundError, RuntimeError) as e:
-    sys.exit(f"Error: {e}")
-
-
-if __name__ == "__main__":
-  main()
