@@ -214,10 +214,10 @@ def _load(args):
 
 
 def child_train(args) -> dict:
-  """The real train step (`trainer.make_train_step`), SGD with momentum like the baseline."""
+  """The real train step (`train_step.make_train_step`), SGD with momentum like the baseline."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from bitnet_jax import data, run_config, sharding, trainer  # pylint: disable=import-outside-toplevel
+  from bitnet_jax import data, run_config, sharding, train_step  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
 
   _, params, images, labels = _load(args)
@@ -231,11 +231,11 @@ def child_train(args) -> dict:
                           image_shape=images.shape[1:], num_train=len(images), num_test=1,
                           mean=CIFAR_MEAN, std=CIFAR_STD)
   module = run_config.make_module(config, info)
-  tx = trainer.make_optimizer(config, 1, 1000)
+  tx = run_config.optimizer(config, 1, 1000)
   mesh = sharding.data_mesh()
-  step = trainer.make_train_step(module, config, tx, info, mesh)
+  step = run_config.train_step(config, module, tx, info, mesh)
   params = jax.tree_util.tree_map(jnp.asarray, params)
-  state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=tx.init(params))
   batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
   t0 = time.perf_counter()

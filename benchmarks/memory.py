@@ -1,7 +1,7 @@
 """Training memory against the number of time steps T, per time engine, and against PyTorch.
 
 Part 1 (compile only, nothing runs): XLA's memory analysis of the real train step
-(`trainer.make_train_step`, AdamW, the paper's setting fs=4, batch 32, float32) for T in
+(`train_step.make_train_step`, AdamW, the paper's setting fs=4, batch 32, float32) for T in
 {10, 50, 100, 200}: temp + argument + output bytes of the compiled step. The step donates its
 state, so its outputs reuse its arguments' buffers; the "peak" column counts them twice, as
 asked, and "live" subtracts the aliased bytes (what the process actually needs).
@@ -57,8 +57,8 @@ def _config_and_info(args):
 
 
 def child_compile(args) -> dict:
-  from bitnet_jax import trainer  # pylint: disable=import-outside-toplevel
-  m = trainer.compile_train_step(*_config_and_info(args)).memory_analysis()
+  from bitnet_jax import run_config  # pylint: disable=import-outside-toplevel
+  m = run_config.compile_train_step(*_config_and_info(args)).memory_analysis()
   gib = lambda b: b / 2**30
   peak = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
   return {"temp": gib(m.temp_size_in_bytes), "argument": gib(m.argument_size_in_bytes),
@@ -69,8 +69,8 @@ def child_compile(args) -> dict:
 def child_rss(args) -> dict:
   """One real training step (random init scaled to fire, random uint8 images)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from bitnet_jax import trainer  # pylint: disable=import-outside-toplevel
-  step, init = trainer.standalone_train_step(*_config_and_info(args))
+  from bitnet_jax import run_config  # pylint: disable=import-outside-toplevel
+  step, init = run_config.standalone_train_step(*_config_and_info(args))
   state = jax.jit(init)(jax.random.PRNGKey(0))
   state = state.replace(params=jax.tree_util.tree_map(lambda a: 2 * a, state.params))
   rng = np.random.default_rng(0)

@@ -1,7 +1,7 @@
 """Where a step's time goes: per-op totals of one compiled train or eval step, from a JAX trace.
 
 The step is that of `benchmarks/compare.py` (the same calibrated weights and synthetic batch:
-fs=1, batch 32 by default): `--mode train` the real train step (`trainer.make_train_step`, SGD),
+fs=1, batch 32 by default): `--mode train` the real train step (`train_step.make_train_step`, SGD),
 `--mode eval` the spike counts of `bitnet_jax.run`. It is compiled, run once, timed over
 --iters runs (median), then run once more under `jax.profiler.trace`; the trace's complete
 events are summed by name (XLA:CPU thunks: fusions, convolutions, custom calls) and the largest
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import compare
-from bitnet_jax import data, models, run_config, sharding, trainer
+from bitnet_jax import data, models, run_config, sharding, train_step
 import bitnet_jax
 from configs import default
 
@@ -64,10 +64,10 @@ def train_step(args, params, images, labels):
                           mean=compare.CIFAR_MEAN, std=compare.CIFAR_STD)
   config, _ = run_config.resolve(config)  # compute_dtype, matmul_precision: this platform's auto
   module = run_config.make_module(config, info)
-  tx = trainer.make_optimizer(config, 1, 1000)
-  step = trainer.make_train_step(module, config, tx, info, sharding.data_mesh())
+  tx = run_config.optimizer(config, 1, 1000)
+  step = run_config.train_step(config, module, tx, info, sharding.data_mesh())
   params = jax.tree_util.tree_map(jnp.asarray, params)
-  state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  state = train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=tx.init(params))
   batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
   compiled = step.lower(state, batch).compile()

@@ -142,25 +142,28 @@ def rules(platform: str, *, compute_dtype: str, engine: str, surrogate: str, neu
   return values, notes
 
 
-def resolve(config, *, platform: str | None = None, device_kind: str | None = None,
+def resolve(settings, *, engine: str = "parallel", surrogate: str = "ste", neuron: str = "bddi",
+            platform: str | None = None, device_kind: str | None = None,
             stored: dict | None = None, fidelity: bool = False,
             sparse_available=_sparse_available) -> Resolution:
-  """Turns the "auto" fields of `config` into explicit values for this platform.
+  """Turns the "auto" values of `settings` into explicit ones for this platform.
 
   Args:
-    config: a run's config (ConfigDict or dict); fields missing from old configs count as auto.
+    settings: {field: value} of `FIELDS` (a missing field counts as "auto").
+    engine, surrogate, neuron: the run's (remat=stream needs parallel + ste; sparse synapses need
+      spikes).
     platform, device_kind: default: this process's default backend (`platform_and_kind`).
     stored: the config a resumed run started with (the workdir's checkpoint meta), or None.
     fidelity: evaluating the original release's weights: float32 at `highest`.
     sparse_available: see `rules`.
 
   Returns:
-    A `Resolution`; `apply` writes its values into a config.
+    A `Resolution`.
   """
   if platform is None or device_kind is None:
     here, kind = platform_and_kind()
     platform, device_kind = platform or here, device_kind or kind
-  given = {field: config.get(field, AUTO) for field in FIELDS}
+  given = {field: settings.get(field, AUTO) for field in FIELDS}
   auto = tuple(f for f in FIELDS if given[f] == AUTO)
   notes, from_store = [], False
   if stored is not None:
@@ -174,9 +177,8 @@ def resolve(config, *, platform: str | None = None, device_kind: str | None = No
         continue
       given[field], from_store = value, True
   values, rule_notes = rules(
-      platform, compute_dtype=given["compute_dtype"], engine=config.get("engine", "parallel"),
-      surrogate=config.get("surrogate", "ste"), neuron=config.get("neuron", "bddi"),
-      fidelity=fidelity, sparse_available=sparse_available)
+      platform, compute_dtype=given["compute_dtype"], engine=engine, surrogate=surrogate,
+      neuron=neuron, fidelity=fidelity, sparse_available=sparse_available)
   resolved = {f: values[f] if given[f] == AUTO else given[f] for f in FIELDS}
   if "synapses" in auto and resolved["synapses"] == "dense":
     notes += rule_notes
@@ -189,15 +191,6 @@ def resolve(config, *, platform: str | None = None, device_kind: str | None = No
   return Resolution(resolved, auto, platform, device_kind, from_store, tuple(notes))
 
 
-def apply(config, resolution: Resolution):
-  """A copy of `config` (a ConfigDict) with the resolved values in place of "auto"."""
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    for field, value in resolution.values.items():
-      config[field] = value
-  return config
-
-
-def is_resolved(config) -> bool:
-  """Whether no field of `FIELDS` is "auto" (or missing)."""
-  return all(config.get(field, AUTO) != AUTO for field in FIELDS)
+def is_resolved(settings) -> bool:
+  """Whether no field of `FIELDS` is "auto" (or missing) in `settings` ({field: value})."""
+  return all(settings.get(field, AUTO) not in (AUTO, None) for field in FIELDS)

@@ -21,12 +21,6 @@ from bitnet_jax import twin
 SCORES = ("count", "potential")
 
 
-def chunk_of(config) -> int:
-  """Time steps per chunk at evaluation: `config.eval_chunk`, or `engines.EVAL_CHUNK` for
-  configs written before the field."""
-  return config.get("eval_chunk", engines.EVAL_CHUNK)
-
-
 def make_eval_step(module, *, time_steps: int, mean, std, loss: str = "mse_rate",
                    logit_scale: float = 10.0, engine: str = "parallel",
                    chunk: int = engines.EVAL_CHUNK,
@@ -157,10 +151,10 @@ def run_evaluation(config, *, workdir: str | None = None, which: str = "best",
   time_steps = max((config.eval_time_steps,) + sweep)
   mesh = sharding.data_mesh()
   params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  neuron = twin.neuron_of(config)
+  neuron = config.neuron
   eval_step = make_eval_step(module, time_steps=time_steps, mean=info.mean, std=info.std,
                              loss=config.loss, logit_scale=config.logit_scale,
-                             engine=config.engine, chunk=chunk_of(config), sweep=sweep,
+                             engine=config.engine, chunk=config.eval_chunk, sweep=sweep,
                              score=score, neuron=neuron)
   sums = evaluate(eval_step, params, run_config.eval_iter(config, info), mesh)
   result = summarize(sums, module, 1 if neuron == "relu" else time_steps, sweep)

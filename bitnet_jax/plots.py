@@ -1,10 +1,9 @@
 """PNG plots: a training run's curves, and accuracy against inference steps.
 
-  python -m bitnet_jax.plots workdirs/fashion_mnist            # writes WORKDIR/training.png
-  python -m bitnet_jax.plots WORKDIR --out curve.png --title "Fashion-MNIST, fs 0.25, T=8"
+  python -m bitnet_jax.cli.plots workdirs/fashion_mnist        # writes WORKDIR/training.png
+  python -m bitnet_jax.cli.plots WORKDIR --out curve.png --title "Fashion-MNIST, fs 0.25, T=8"
 """
 
-import argparse
 import json
 import os
 
@@ -69,18 +68,3 @@ def plot_sweep(result: dict, path: str, title: str = ""):
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
-
-
-def main(argv=None):
-  p = argparse.ArgumentParser(description="Plots a training workdir's metrics.jsonl as a PNG.")
-  p.add_argument("workdir")
-  p.add_argument("--out", default="", help="PNG path; default WORKDIR/training.png")
-  p.add_argument("--title", default="")
-  args = p.parse_args(argv)
-  out = args.out or os.path.join(args.workdir, "training.png")
-  plot_training(read_metrics(args.workdir), out, args.title)
-  print(out)
-
-
-if __name__ == "__main__":
-  main()

@@ -1,9 +1,8 @@
-"""Training: a pure, data-parallel train step and the loop around it.
+"""Training: the loop around the pure train step (`train_step.py`).
 
-`train_step(state, batch) -> (state, metrics)` is jitted once, with the state donated. The batch
-is sharded over a 1-D device mesh ("data") spanning every device of every process; parameters and
-optimizer state are replicated, so XLA inserts the gradient all-reduce. Multi-host runs only need
-`jax.distributed.initialize()` first (train.py --distributed).
+`train_and_evaluate(config, workdir)` reads the config once (`run_config`) and passes plain
+arguments down. Multi-host runs only need `jax.distributed.initialize()` first (train.py
+--distributed).
 
 The loop resumes from the workdir's newest checkpoint, saves periodically, each epoch and on
 SIGINT or SIGTERM (after the step in flight, at the same step on every process), validates,
@@ -18,14 +17,11 @@ import os
 import signal
 import threading
 import time
-from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -33,100 +29,12 @@ from bitnet_jax import run_config
 from bitnet_jax import checkpointing
 from bitnet_jax import console as console_lib
 from bitnet_jax import data
-from bitnet_jax import engines
+from bitnet_jax import errors
 from bitnet_jax import evaluate as evaluate_lib
-from bitnet_jax import sharding
 from bitnet_jax import losses
+from bitnet_jax import sharding
+from bitnet_jax import train_step as train_step_lib
 from bitnet_jax import twin
-
-
-class TrainState(flax.struct.PyTreeNode):
-  step: jax.Array      # optimizer steps taken
-  params: Any
-  opt_state: Any
-
-
-def init_state(module, tx, rng) -> TrainState:
-  """Fresh parameters and optimizer state (step 0); works under `jax.eval_shape` too."""
-  dummy = jnp.zeros((1, module.img_size, module.img_size, module.in_channels), jnp.float32)
-  params = module.init(rng, dummy)["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-
-def make_optimizer(config, steps_per_epoch: int, total_steps: int) -> optax.GradientTransformation:
-  warmup = int(round(config.warmup_epochs * steps_per_epoch))
-  if config.schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup,
-                                            max(total_steps, warmup + 1))
-  else:
-    lr = optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warmup),
-                               optax.constant_schedule(config.learning_rate)], [warmup])
-  if config.optimizer == "adamw":
-    opt = optax.adamw(lr, weight_decay=config.weight_decay)
-  else:
-    opt = optax.chain(optax.add_decayed_weights(config.weight_decay),
-                      optax.sgd(lr, momentum=config.momentum, nesterov=True))
-  if config.grad_clip > 0:
-    opt = optax.chain(optax.clip_by_global_norm(config.grad_clip), opt)
-  return opt
-
-
-def make_train_step(module, config, tx, info, mesh):
-  """Builds `train_step(state, batch) -> (state, metrics)`, jitted with donation."""
-  mean, std = info.mean, info.std
-
-  relu_twin = twin.neuron_of(config) == "relu"
-
-  def loss_fn(params, batch):
-    images = data.normalize(batch["image"], mean, std)          # (B, H, W, C)
-    if relu_twin:  # the seed's baseline: one pass, softmax cross-entropy on the logits
-      logits, _ = twin.forward(module, params, images)                    # (B, K)
-      return twin.per_example_loss(logits, batch["label"]).mean(), logits
-    trace = engines.run(module, params, images, config.time_steps, engine=config.engine,
-                        chunk=config.chunk, remat=config.remat)
-    counts = trace.out_spikes.sum(0)                                      # (B, K)
-    loss = losses.per_example_loss(config.loss, counts, batch["label"], config.time_steps,
-                                   config.logit_scale).mean()
-    return loss, counts
-
-  def train_step(state, batch):
-    (loss, counts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(counts, -1) == batch["label"])}
-    if not relu_twin:
-      metrics["output_rate"] = jnp.mean(counts) / config.time_steps
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-  replicated = NamedSharding(mesh, P())
-  return jax.jit(train_step, donate_argnums=0, out_shardings=(replicated, replicated))
-
-
-def standalone_train_step(config, info: data.DatasetInfo):
-  """The real jitted train step of `config` outside the training loop (benchmarks, compile
-  tests), on a `data` mesh over all devices, with a schedule of 100 steps per epoch.
-
-  Returns:
-    (step, init): `step(state, batch)` as in training, and `init(rng) -> TrainState`.
-  """
-  config, _ = run_config.resolve(config)
-  module = run_config.make_module(config, info)
-  tx = make_optimizer(config, 100, 1000)
-  mesh = sharding.data_mesh()
-  return make_train_step(module, config, tx, info, mesh), functools.partial(init_state, module, tx)
-
-
-def compile_train_step(config, info: data.DatasetInfo):
-  """`standalone_train_step` compiled for abstract inputs (a batch of `config.batch_size`):
-  nothing is allocated, so full-size models compile on a small machine; the result's
-  `memory_analysis()` gives the step's memory."""
-  step, init = standalone_train_step(config, info)
-  state = jax.eval_shape(init, jax.random.PRNGKey(0))
-  split = NamedSharding(sharding.data_mesh(), P("data"))  # as shard_batch places it
-  batch = {"image": jax.ShapeDtypeStruct((config.batch_size,) + tuple(info.image_shape),
-                                         np.uint8, sharding=split),
-           "label": jax.ShapeDtypeStruct((config.batch_size,), np.int32, sharding=split)}
-  return step.lower(state, batch).compile()
 
 
 class MetricWriter:
@@ -231,14 +139,14 @@ def _print0(message: str):
     print(message, flush=True)
 
 
-def _from_twin(config, info, module, tx, arch: dict, mesh, log) -> TrainState:
+def _from_twin(config, info, module, tx, arch: dict, mesh, log):
   """A fresh state whose parameters are the ReLU twin's of `config.init_from`, balanced
   (`twin.balance`) on the first `config.balance_examples` training images."""
   params, meta = checkpointing.load_params(config.init_from, "latest")
   checkpointing.check_architecture(meta["arch"], arch, meta["source"])
-  if twin.neuron_of(meta["config"]) != "relu":
-    raise ValueError(f"init_from={config.init_from!r} is a BITnet run, not a ReLU twin (train one "
-                     "with python -m bitnet_jax.baseline)")
+  if run_config.upgrade(meta["config"])["neuron"] != "relu":
+    raise errors.ConfigError(f"init_from={config.init_from!r} is a BITnet run, not a ReLU twin "
+                             "(train one with python -m bitnet_jax.cli.twin)")
   n = min(config.balance_examples, info.num_train)
   images, _ = run_config.source(config, "train").read(np.arange(n))   # (n, H, W, C) uint8
   images = data.normalize(jnp.asarray(images), info.mean, info.std)
@@ -246,7 +154,8 @@ def _from_twin(config, info, module, tx, arch: dict, mesh, log) -> TrainState:
   log(f"init from the ReLU twin {meta['source']}: layer scales "
       + ", ".join(f"{lam:.3g}" for lam in lams))
   params = jax.device_put(params, NamedSharding(mesh, P()))
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return train_step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                   opt_state=tx.init(params))
 
 
 def _restore_or_init(ckpts, train_iter, init, arch: dict, mesh, seed: int, log):
@@ -268,7 +177,7 @@ def _restore_or_init(ckpts, train_iter, init, arch: dict, mesh, seed: int, log):
 
 def _validate(eval_step, params, config, info, module, mesh, step: int, steps_per_epoch: int):
   """Evaluates on the whole test split; the summary of `evaluate.summarize` with the epoch."""
-  relu_twin = twin.neuron_of(config) == "relu"
+  relu_twin = config.neuron == "relu"
   sums = evaluate_lib.evaluate(eval_step, params, run_config.eval_iter(config, info),
                                mesh)
   result = evaluate_lib.summarize(sums, module, 1 if relu_twin else config.eval_time_steps)
@@ -279,7 +188,7 @@ def _validate(eval_step, params, config, info, module, mesh, step: int, steps_pe
 def _header(config, info, module, state, resolution, steps_per_epoch, total_steps, start,
             workdir) -> list[str]:
   """The run's header lines, in words."""
-  relu_twin = twin.neuron_of(config) == "relu"
+  relu_twin = config.neuron == "relu"
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
   steps = "" if relu_twin else (f" | T={config.time_steps} in training, "
                                 f"{config.eval_time_steps} at evaluation")
@@ -314,31 +223,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   total_steps = steps_per_epoch * config.num_epochs
   if config.max_train_steps > 0:
     total_steps = min(total_steps, config.max_train_steps)
-  tx = make_optimizer(config, steps_per_epoch, total_steps)
+  tx = run_config.optimizer(config, steps_per_epoch, total_steps)
 
   train_iter = run_config.train_iter(config, info)
   os.makedirs(workdir, exist_ok=True)
   ckpts = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
-  state, best_top1 = _restore_or_init(ckpts, train_iter, functools.partial(init_state, module, tx),
-                                      arch, mesh, config.seed, _print0)
+  init = functools.partial(train_step_lib.init_state, module, tx)
+  state, best_top1 = _restore_or_init(ckpts, train_iter, init, arch, mesh, config.seed, _print0)
   start = int(state.step)
   if start >= total_steps:
     ckpts.close()
     _print0(f"already trained to step {start} (workdir {workdir}); nothing to do")
     return {"already_trained": start}
-  if start == 0 and config.get("init_from"):
+  if start == 0 and config.init_from:
     state = _from_twin(config, info, module, tx, arch, mesh, _print0)
   meta = {"config": config.to_dict(), "arch": arch, "dataset": info.name}
   for line in _header(config, info, module, state, resolution, steps_per_epoch, total_steps,
                       start, workdir):
     _print0(line)
 
-  train_step = make_train_step(module, config, tx, info, mesh)
+  train_step = run_config.train_step(config, module, tx, info, mesh)
   eval_step = evaluate_lib.make_eval_step(
       module, time_steps=config.eval_time_steps, mean=info.mean, std=info.std, loss=config.loss,
-      logit_scale=config.logit_scale, engine=config.engine,
-      chunk=evaluate_lib.chunk_of(config), neuron=twin.neuron_of(config))
-  eval_label = "ReLU twin" if twin.neuron_of(config) == "relu" else f"T={config.eval_time_steps}"
+      logit_scale=config.logit_scale, engine=config.engine, chunk=config.eval_chunk,
+      neuron=config.neuron)
+  eval_label = "ReLU twin" if config.neuron == "relu" else f"T={config.eval_time_steps}"
   writer = MetricWriter(workdir, _print0)
   preempt = _Preemption()
   console = console_lib.Console(total_steps, start)

@@ -2,9 +2,10 @@
 
 The seed compares each BITnet with its twin: the same six layers (the module's own synapses,
 parameters and 2x2 maxpools), with ReLU in place of the bddi neuron, trained with softmax
-cross-entropy on the last layer's outputs. `config.neuron = "relu"` selects it in the trainer
-and in evaluation (`python -m bitnet_jax.baseline` trains the twin of any config); one forward
-pass replaces the T time steps, so it costs about 1/T of the spiking network's compute.
+cross-entropy on the last layer's outputs. The config's `neuron = "relu"` selects it in the
+trainer and in evaluation (`python -m bitnet_jax.cli.twin` trains the twin of any config); one
+forward pass through the layer contract (`layers.relu`, n = 1) replaces the T time steps, so it
+costs about 1/T of the spiking network's compute.
 """
 
 import functools
@@ -17,11 +18,6 @@ from bitnet_jax import layers
 from bitnet_jax import models
 
 NEURONS = ("bddi", "relu")
-
-
-def neuron_of(config) -> str:
-  """`config.neuron` ("bddi" or "relu"); "bddi" for configs written before the field."""
-  return config.get("neuron", "bddi")
 
 
 def check_neuron(name: str) -> str:

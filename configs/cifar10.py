@@ -7,7 +7,7 @@ Expected top-1: 94.37 % (the seed's evaluation of the release's weights, T=50). 
 not ship its training recipe; this config's recipe (AdamW, cosine, crop_flip) has not been run
 to completion at this size yet.
 Its ReLU twin (the seed's Baseline; 93.13 % in the seed) trains with
-  python -m bitnet_jax.baseline --config configs/cifar10.py
+  python -m bitnet_jax.cli.twin --config configs/cifar10.py
 Neither has been run at this size here (no GPU). On Fashion-MNIST this recipe trails its twin by
 2.0 points at a fixed budget and none of seven variants did better (docs/gap_study.md).
 Sized for one modern GPU/TPU (25.7 M parameters). There, --config.compute_dtype=bfloat16 trains

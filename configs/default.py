@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.variant = "BITnet6"           # BITnet6 | BITnet6_v101
   c.fs = 4.0                      # feature scale: channels int(64*fs), ..., int(512*fs)
   c.neuron = "bddi"               # bddi (the spiking BITnet) | relu (the seed's "Baseline": the same layers
-                                  # with ReLU and softmax cross-entropy, one pass; python -m bitnet_jax.baseline)
+                                  # with ReLU and softmax cross-entropy, one pass; python -m bitnet_jax.cli.twin)
   c.surrogate = "ste"             # bddi surrogate gradient: ste | triangle | sigmoid | atan [":param"]
   # compute_dtype, matmul_precision, synapses (and remat, below) default to "auto": the fast,
   # accurate path for the platform, resolved once at startup, printed in the run's header and
@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 32          # global evaluation batch (the last batch is padded, never dropped)
   c.num_epochs = 200              # passes over the training split
   c.seed = 0                      # parameter init, data order and augmentation
-  c.init_from = ""                # workdir of a trained ReLU twin (python -m bitnet_jax.baseline) whose
+  c.init_from = ""                # workdir of a trained ReLU twin (python -m bitnet_jax.cli.twin) whose
                                   # latest weights, rescaled by data (twin.balance), start this BITnet
                                   # instead of a random init; "" = random init. Only at step 0.
   c.balance_examples = 2000       # init_from: training images that set each layer's scale

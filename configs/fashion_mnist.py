@@ -20,7 +20,7 @@ about training"; log, curve and metrics in docs/fashion_mnist_run/):
             steps); per epoch 86.19, 87.12, 88.98, 89.40, 90.25, 90.00 %.
   time      68.7 min wall for the whole `python train.py --config configs/fashion_mnist.py`
             (6 validations included), 161 % CPU, peak RSS 1.02 GiB.
-Its ReLU twin (`python -m bitnet_jax.baseline --config configs/fashion_mnist.py`: the same layers,
+Its ReLU twin (`python -m bitnet_jax.cli.twin --config configs/fashion_mnist.py`: the same layers,
 config and epochs, with ReLU and softmax cross-entropy; 2026-12-02, one seed) reached 92.84 %
 (88.91, 90.78, 91.29, 92.35, 92.73, 92.84 % per epoch) in 8.0 CPU minutes: this BITnet trails
 it by 2.84 points (docs/fashion_mnist_twin/).

@@ -7,7 +7,7 @@ evaluation of the release's weights); our recipe is not yet verified at this siz
 modern GPU/TPU (31.9 M parameters). Tiny-ImageNet is not in TFDS: extract the standard archive
 and point data_dir at it (see README).
 Its ReLU twin (the seed's Baseline; no number in the seed) trains with
-  python -m bitnet_jax.baseline --config configs/tiny_imagenet.py
+  python -m bitnet_jax.cli.twin --config configs/tiny_imagenet.py
 Neither has been run at this size here (no GPU). On Fashion-MNIST this recipe trails its twin by
 2.0 points at a fixed budget and none of seven variants did better (docs/gap_study.md).
 """

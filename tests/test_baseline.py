@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax import baseline
+from bitnet_jax.cli import twin as twin_command
 from bitnet_jax import run_config
 from bitnet_jax import checkpointing
 from bitnet_jax import evaluate
@@ -109,12 +109,12 @@ def test_baseline_command_prints_the_twin_beside_the_bitnet(tmp_path):
       f.write(json.dumps({"step": int(8 * epoch), "kind": "eval", "epoch": epoch,
                           "top1": top1}) + "\n")
   out = subprocess.run(
-      [sys.executable, "-m", "bitnet_jax.baseline", "--config", "configs/default.py",
+      [sys.executable, "-m", "bitnet_jax.cli.twin", "--config", "configs/default.py",
        "--workdir", str(tmp_path / "twin"), "--bitnet_workdir", str(bitnet), *TINY],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout + out.stderr
   assert "ReLU twin" in out.stdout
-  relu = baseline.validation_top1(str(tmp_path / "twin"))
+  relu = twin_command.validation_top1(str(tmp_path / "twin"))
   assert sorted(relu) == [1.0, 2.0]
   table = out.stdout[out.stdout.index("| epoch |"):]
   assert f"| 2 | {100 * relu[2.0]:.2f} % | 50.00 % | {100 * (0.5 - relu[2.0]):+.2f} |" in table

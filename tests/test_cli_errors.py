@@ -17,6 +17,7 @@ import pytest
 from bitnet_jax import run_config
 from bitnet_jax import checkpointing
 from bitnet_jax import interop
+from bitnet_jax import train_step
 from bitnet_jax import trainer
 from tests.test_train import ROOT, TINY, tiny_config
 
@@ -268,8 +269,8 @@ def test_eval_best_falls_back_to_the_latest_readable(workdir, tmp_path):
 def abstract_state():
   config, _ = run_config.resolve(tiny_config(checkpoint_every=4))
   module = run_config.make_module(config, run_config.dataset_info(config))
-  tx = trainer.make_optimizer(config, 8, 16)
-  state = jax.eval_shape(lambda: trainer.init_state(module, tx, jax.random.PRNGKey(0)))
+  tx = run_config.optimizer(config, 8, 16)
+  state = jax.eval_shape(lambda: train_step.init_state(module, tx, jax.random.PRNGKey(0)))
   return state, checkpointing.architecture(module)
 
 

@@ -18,8 +18,22 @@ def _ok():
   return True, ""
 
 
+def _settings(config):
+  """defaults.resolve's arguments from a config, as run_config.resolve passes them."""
+  config = run_config.upgrade(config)
+  return ({field: config[field] for field in defaults.FIELDS},
+          {"engine": config.engine, "surrogate": config.surrogate, "neuron": config.neuron})
+
+
+def _fields(**overrides):
+  """The four auto fields of the tiny config (its engine, surrogate and neuron are
+  defaults.resolve's defaults)."""
+  return _settings(tiny_config(**overrides))[0]
+
+
 def _resolve(platform, sparse=_ok, **overrides):
-  return defaults.resolve(tiny_config(**overrides), platform=platform, device_kind="a device",
+  settings, model = _settings(tiny_config(**overrides))
+  return defaults.resolve(settings, **model, platform=platform, device_kind="a device",
                           sparse_available=sparse)
 
 
@@ -47,7 +61,7 @@ def test_the_platform_comes_from_the_backend(monkeypatch):
   platform, kind = defaults.platform_and_kind()
   assert platform == "cpu" and kind
   monkeypatch.setattr(defaults, "platform_and_kind", lambda: ("gpu", "NVIDIA H200"))
-  resolution = defaults.resolve(tiny_config(), sparse_available=_ok)
+  resolution = defaults.resolve(_fields(), sparse_available=_ok)
   assert resolution.values["compute_dtype"] == "bfloat16"
   assert resolution.describe() == ("compute: bfloat16 synapses, float32 state and parameters, "
                                    "dense synapses (XLA), remat=stream (auto on gpu: NVIDIA H200)")
@@ -89,7 +103,7 @@ def test_explicit_highest_on_an_accelerator_warns_with_its_cost():
 
 @pytest.mark.parametrize("platform", ["cpu", "gpu", "tpu"])
 def test_release_weights_are_evaluated_in_float32_highest(platform):
-  resolution = defaults.resolve(tiny_config(), platform=platform, device_kind="x", fidelity=True,
+  resolution = defaults.resolve(_fields(), platform=platform, device_kind="x", fidelity=True,
                                 sparse_available=_ok)
   assert resolution.values["compute_dtype"] == "float32"
   assert resolution.values["matmul_precision"] == "highest"
@@ -100,11 +114,11 @@ def test_release_weights_are_evaluated_in_float32_highest(platform):
 def test_stored_values_replace_auto_unless_they_cannot_run_here():
   stored = {"compute_dtype": "float32", "matmul_precision": "highest", "synapses": "sparse",
             "remat": "none"}
-  cpu = defaults.resolve(tiny_config(), platform="cpu", device_kind="x", stored=stored,
+  cpu = defaults.resolve(_fields(), platform="cpu", device_kind="x", stored=stored,
                          sparse_available=_ok)
   assert cpu.values == stored and cpu.stored
   assert "as this run started" in cpu.describe()
-  gpu = defaults.resolve(tiny_config(remat="chunk"), platform="gpu", device_kind="x",
+  gpu = defaults.resolve(_fields(remat="chunk"), platform="gpu", device_kind="x",
                          stored=stored, sparse_available=_ok)
   assert gpu.values == {"compute_dtype": "float32", "matmul_precision": "highest",
                         "synapses": "dense", "remat": "chunk"}  # explicit remat wins
@@ -117,7 +131,7 @@ def test_old_configs_are_upgraded_to_what_they_ran():
   stored = {"compute_dtype": "float32", "synapses": "dense", "remat": "none"}
   upgraded = run_config.upgrade(stored)
   assert upgraded["matmul_precision"] == "highest" and upgraded["neuron"] == "bddi"
-  resolution = defaults.resolve(tiny_config(), platform="gpu", device_kind="x", stored=upgraded)
+  resolution = defaults.resolve(_fields(), platform="gpu", device_kind="x", stored=upgraded)
   assert resolution.values["matmul_precision"] == "highest"
 
 

@@ -13,7 +13,7 @@ from bitnet_jax import data
 from bitnet_jax import engines
 from bitnet_jax import neuron
 from bitnet_jax import lean
-from bitnet_jax import trainer
+from bitnet_jax import run_config
 from configs import default
 
 STEPS = 6
@@ -135,7 +135,7 @@ def _train_step_memory(remat, chunk, steps, fs=0.125, batch=8):
            batch_size=batch)
   info = data.DatasetInfo(name="synthetic", num_classes=10, image_shape=(32, 32, 3),
                               num_train=100, num_test=10, mean=(0.5,) * 3, std=(0.25,) * 3)
-  m = trainer.compile_train_step(c, info).memory_analysis()
+  m = run_config.compile_train_step(c, info).memory_analysis()
   if m is None:
     pytest.skip("this backend reports no memory analysis")
   return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes

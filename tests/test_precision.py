@@ -20,7 +20,6 @@ from bitnet_jax import run_config
 from bitnet_jax import evaluate
 from bitnet_jax import models
 from bitnet_jax.kernels import spike_conv
-from bitnet_jax import trainer
 from configs import default
 
 STEPS = 3  # time steps of the lowered steps: the stream engine runs chunks of 2 (one partial)
@@ -134,7 +133,7 @@ def lowered_train_step(precision, compute, engine, remat, chunk) -> str:
                        remat=remat, chunk=chunk, synapses="dense")
   run_config.validate_config(config)
   info = run_config.dataset_info(config)
-  step, init = trainer.standalone_train_step(config, info)
+  step, init = run_config.standalone_train_step(config, info)
   state = jax.eval_shape(init, jax.random.PRNGKey(0))
   return step.lower(state, _abstract_batch(info, train=True)).as_text()
 

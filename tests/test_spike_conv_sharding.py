@@ -30,7 +30,7 @@ import json, re
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import bitnet_jax
-from bitnet_jax import data, engines, trainer
+from bitnet_jax import data, engines, run_config
 from bitnet_jax.kernels import spike_conv
 from configs import default
 
@@ -87,7 +87,7 @@ config = default.get_config()
 config.update(fs=0.25, time_steps=T, batch_size=B, synapses="sparse", remat="none")  # fused
 info = data.DatasetInfo(name="x", num_classes=10, image_shape=(32, 32, 3), num_train=100,
                             num_test=10, mean=(0.5,) * 3, std=(0.25,) * 3)
-step, init = trainer.standalone_train_step(config, info)
+step, init = run_config.standalone_train_step(config, info)
 state = jax.eval_shape(init, jax.random.PRNGKey(0))
 batch = {"image": jax.ShapeDtypeStruct((B, 32, 32, 3), np.uint8, sharding=sharded),
          "label": jax.ShapeDtypeStruct((B,), np.int32, sharding=sharded)}

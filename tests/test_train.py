@@ -188,7 +188,7 @@ def test_bad_configs_rejected_before_compile(overrides, match, tmp_path):
 def test_batch_must_divide_over_devices():
   out = subprocess.run(
       [sys.executable, "-c", "from tests.test_train import tiny_config; from bitnet_jax import "
-       "build; run_config.validate_config(tiny_config(batch_size=12))"],
+       "run_config; run_config.validate_config(tiny_config(batch_size=12))"],
       cwd=ROOT, capture_output=True, text=True, timeout=120,
       env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
   assert "batch_size=12 does not divide over the 8 devices" in out.stderr
@@ -202,7 +202,7 @@ def test_workdir_of_another_architecture_is_refused(uninterrupted, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   # The loss is bounded by construction, so the fault is injected into the step's metrics.
-  real_make_step = trainer.make_train_step
+  real_make_step = run_config.train_step
 
   def make_step(*args):
     step = real_make_step(*args)
@@ -213,7 +213,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
       return state, metrics
     return poisoned
 
-  monkeypatch.setattr(trainer, "make_train_step", make_step)
+  monkeypatch.setattr(run_config, "train_step", make_step)
   with pytest.raises(FloatingPointError, match="between optimizer steps 5 and 6"):
     trainer.train_and_evaluate(tiny_config(), str(tmp_path))
   assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints")) == [2, 4]
@@ -225,10 +225,12 @@ def test_seed_configs_compile_at_full_size(name):
   compile only (abstract inputs), and XLA reports the step's memory."""
   import importlib
   config = importlib.import_module(f"configs.{name}").get_config()
+  if name == "tiny_imagenet":
+    config.data_dir = "tiny-imagenet-200"  # required by the config's checks; nothing is read
   run_config.validate_config(config)
   hw = 64 if name == "tiny_imagenet" else 32
   classes = {"cifar10": 10, "cifar100_max": 100, "tiny_imagenet": 200}[name]
-  compiled = trainer.compile_train_step(config, _info(name, classes, hw))
+  compiled = run_config.compile_train_step(config, _info(name, classes, hw))
   memory = compiled.memory_analysis()
   assert memory is None or memory.temp_size_in_bytes > 0
 

@@ -1,7 +1,7 @@
-"""Trains the seed's ReLU "Baseline" of any config and sets it beside the BITnet, epoch by epoch.
+"""Trains the seed's ReLU "Baseline" (the twin) of any config and sets it beside the BITnet.
 
-  python -m bitnet_jax.baseline --config configs/fashion_mnist.py
-  python -m bitnet_jax.baseline --config configs/quickstart.py --workdir DIR --bitnet_workdir DIR
+  python -m bitnet_jax.cli.twin --config configs/fashion_mnist.py
+  python -m bitnet_jax.cli.twin --config configs/quickstart.py --workdir DIR --bitnet_workdir DIR
 
 The twin (`twin.py`) is the config's own architecture with ReLU and softmax cross-entropy, trained
 by the same loop, data, optimizer, schedule and logging (`config.neuron = "relu"`; every other
@@ -15,10 +15,12 @@ then only the twin's column is filled.
 import json
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from bitnet_jax import errors
+from bitnet_jax.cli import runner
 
 def validation_top1(workdir: str) -> dict[float, float]:
   """{epoch: test top-1} of a run's validations, from its metrics.jsonl ({} if it has none)."""
@@ -47,7 +49,7 @@ def _percent(value: float | None) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise errors.UsageError(f"unexpected arguments: {' '.join(argv[1:])} (flags start with --)")
   logging.set_verbosity(logging.WARNING)
   from bitnet_jax import trainer  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
@@ -72,4 +74,4 @@ if __name__ == "__main__":  # flags only when run: this module is also imported 
   _BITNET = flags.DEFINE_string("bitnet_workdir", None, "The BITnet run to compare with; default "
                                 "workdirs/<config name>.")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  runner.run(main, _CONFIG)
