@@ -9,11 +9,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import bitnet_jax  # noqa: E402
-
-
-def firing_params(params, gain=2.0):
-  """Scales a fresh init so that every layer fires, like a trained network (sparse, not silent)."""
-  return jax.tree_util.tree_map(lambda a: a * gain, params)
+from tests.helpers import firing_params  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from bitnet_jax import evaluate
 from bitnet_jax.data import pipeline
 from bitnet_jax import trainer
 from bitnet_jax import twin
-from tests.test_train import ROOT, TINY, tiny_config
+from tests.helpers import ROOT, TINY, tiny_config
 
 
 def _conv(x, kernel, bias):
@@ -94,7 +94,8 @@ def test_relu_twin_trains_through_the_same_loop(tmp_path):
   result = trainer.train_and_evaluate(config, str(tmp_path))
   assert result["time_steps"] == 1 and result["n"] == 20
   assert result["top1"] >= 0.5, result  # 10 synthetic classes: chance is 0.1
-  assert all(0 <= s <= 100 for s in result["sparsity"])
+  # The trained twin's conv layers are alive: neither all zeros nor all active.
+  assert all(0 < s < 100 for s in result["sparsity"][:5]), result["sparsity"]
   train = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert "output_rate" not in train[0] and train[-1]["kind"] == "eval"
   evaluated = evaluate.run_evaluation(config, workdir=str(tmp_path), which="latest")

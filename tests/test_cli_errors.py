@@ -19,7 +19,7 @@ from bitnet_jax import checkpointing
 from bitnet_jax import interop
 from bitnet_jax import train_step
 from bitnet_jax import trainer
-from tests.test_train import ROOT, TINY, tiny_config
+from tests.helpers import ROOT, TINY, tiny_config
 
 
 def _run(script, *args, timeout=300):

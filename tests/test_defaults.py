@@ -11,7 +11,7 @@ import pytest
 from bitnet_jax import run_config
 from bitnet_jax import defaults
 from bitnet_jax import trainer
-from tests.test_train import ROOT, TINY, tiny_config
+from tests.helpers import ROOT, TINY, tiny_config
 
 
 def _ok():

@@ -10,7 +10,7 @@ import pytest
 import bitnet_jax
 from bitnet_jax.interop import release
 from bitnet_jax import reference
-from conftest import firing_params
+from tests.helpers import firing_params
 
 STEPS = 6
 # (engine, chunk, remat): every way of running the time loop.

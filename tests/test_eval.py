@@ -14,8 +14,8 @@ from bitnet_jax import evaluate
 from bitnet_jax import interop
 from bitnet_jax.data import pipeline
 from bitnet_jax import reference
-from conftest import firing_params
-from tests.test_train import ROOT, TINY, tiny_config
+from tests.helpers import firing_params
+from tests.helpers import ROOT, TINY, tiny_config
 
 MESH = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
 

@@ -16,7 +16,7 @@ from bitnet_jax import evaluate
 from bitnet_jax import interop
 from bitnet_jax import trainer
 from bitnet_jax.interop import export
-from tests.test_train import ROOT, TINY, tiny_config
+from tests.helpers import ROOT, TINY, tiny_config
 
 try:
   import torch

@@ -92,6 +92,13 @@ def test_bad_run_inputs(tiny_model, images):
 
 
 def test_spike_counts_api(tiny_model, images):
+  """The class scores are the last layer's spikes summed over T, in chunks of 10 by default: they
+  equal one chunk of T, and the first 5 steps of a longer run (spikes never depend on later
+  steps)."""
   counts = bitnet_jax.spike_counts(tiny_model, images, 5)
   assert counts.shape == (4, 10) and counts.dtype == jnp.float32
-  assert np.all((np.asarray(counts) >= 0) & (np.asarray(counts) <= 5))
+  assert float(counts.sum()) > 0 and np.all(np.asarray(counts) == np.round(counts))
+  one_chunk = bitnet_jax.run(tiny_model.module, tiny_model.params, jnp.asarray(images), 5, chunk=0)
+  np.testing.assert_array_equal(counts, one_chunk.out_spikes.sum(0))
+  longer = bitnet_jax.run(tiny_model.module, tiny_model.params, jnp.asarray(images), 12, chunk=0)
+  np.testing.assert_array_equal(counts, longer.out_spikes[:5].sum(0))
