@@ -351,19 +351,28 @@ def _measure(spec: dict, argv: list[str], timeout: float) -> dict:
 
 
 def _jax(kind, args, files, batch, steps, engine, remat, chunk, dtype, iters,
-         synapses="dense") -> tuple[dict, list[str]]:
+         synapses="dense", precision=None, label="") -> tuple[dict, list[str]]:
   """(spec, argv) of one JAX row: `spec` names the row, `argv` runs its child."""
   chunk = chunk if engine == "parallel" else 0
+  precision = precision or args.precision
   argv = ["-m", "benchmarks.compare", "--child", kind, "--weights", files[0], "--batch_dir",
           files[1], "--batch", str(batch), "--fs", str(args.fs), "--classes", str(args.classes),
           "--steps", str(steps), "--engine", engine, "--remat", remat, "--chunk", str(chunk),
           "--dtype", dtype, "--synapse", synapses, "--iters", str(iters), "--precision",
-          args.precision]
+          precision]
   config = (f"{engine}, remat={remat}, chunk={chunk}" if kind == "train" else
             f"{engine}, chunk={chunk}" if engine == "parallel" else engine)
   spec = dict(framework="jax", mode=kind, steps=steps, batch=batch, dtype=dtype,
-              synapses=synapses, precision=args.precision, config=f"{config}, {synapses} synapses")
+              synapses=synapses, precision=precision,
+              config=f"{label}{config}, {synapses} synapses")
   return spec, argv
+
+
+def _auto() -> dict:
+  """What the trainer's defaults (`auto`, bitnet_jax/defaults.py) resolve to on this machine
+  (configs/default.py's engine and surrogate: parallel, ste)."""
+  from bitnet_jax import defaults  # pylint: disable=import-outside-toplevel
+  return defaults.resolve({}).values
 
 
 def _torch(mode, args, files, batch, steps, dtype) -> tuple[dict, list[str]]:
@@ -400,9 +409,11 @@ def plan_rows(args, files) -> list[tuple[dict, list[str]]]:
           rows.append(_jax("train", args, files, batch, steps, "parallel", args.train_remat,
                            args.train_chunk, dtype, args.iters, synapses))
         if args.default_config and not late and (batch, steps) == (batches[0], train_steps[0]):
-          for synapses in dict.fromkeys(s for _, s in variants):
-            rows.append(_jax("train", args, files, batch, steps, "parallel", "none", 0,
-                             "float32", args.iters, synapses))
+          auto = _auto()
+          rows.append(_jax("train", args, files, batch, steps, "parallel", auto["remat"],
+                           args.default_chunk, auto["compute_dtype"], args.iters,
+                           auto["synapses"], precision=auto["matmul_precision"],
+                           label="trainer default (auto): "))
         rows += [_torch("train", args, files, batch, steps, d) for d in torch_rows]
       for dtype, synapses in variants:
         engine, chunk = ((args.sparse_eval_engine, args.sparse_eval_chunk) if synapses == "sparse"
@@ -578,8 +589,11 @@ def main(argv=None) -> int:
   p.add_argument("--train_remat", default="stream", help="JAX training: remat of `parallel`")
   p.add_argument("--train_chunk", type=int, default=0, help="JAX training: steps per chunk")
   p.add_argument("--default_config", action="store_true",
-                 help="also time the trainer's defaults (parallel, remat=none) at the first T, "
-                      "for each kind of --synapses")
+                 help="also time the trainer's defaults at the first T: what `auto` resolves to "
+                      "on this machine (bitnet_jax/defaults.py; on a CPU: float32, sparse "
+                      "synapses, remat=stream)")
+  p.add_argument("--default_chunk", type=int, default=0,
+                 help="the chunk of that row (configs/default.py: 0; the CIFAR configs: 5)")
   p.add_argument("--eval_engine", default="scan",
                  help="JAX evaluation engine (on CPU `scan` is ~10%% faster than `parallel`)")
   p.add_argument("--sparse_eval_engine", default="parallel",

@@ -5,7 +5,9 @@
 # 16's item 4), batch 128 then 32. Rows, most important first (benchmarks/compare.py runs each
 # in its own process):
 #   1. a bf16 matmul probe (JAX, 8192^3 products): the GPU's measured rate, the "% of peak" base;
-#   2. per batch (128, then 32): training, then evaluation: ours in float32 and bfloat16, and the
+#   2. per batch (128, then 32): training, then evaluation: ours in float32 and bfloat16 (and, at
+#      batch 128, the trainer's default: what `auto` resolves to on this GPU, bfloat16 synapses
+#      with remat=stream, in chunks of 5 as the CIFAR configs), and the
 #      release's structure (benchmarks/torch_baseline.py on cuda) in float32 (PyTorch's defaults:
 #      TF32 convolutions) and bfloat16 autocast;
 #   3. ours in bfloat16x3 (batch 128, then 32); 4. evaluation compiled at T=10 (compile times).
@@ -36,6 +38,7 @@ if command -v nvidia-smi >/dev/null; then nvidia-smi -L; fi
 exec "${PYTHON:-python3}" -m benchmarks.compare \
   --fs 4 --batch 128,32 --train_steps 50 --eval_steps 200 --compile_steps 10 \
   --train_remat stream --train_chunk 10 --eval_engine parallel --eval_chunk 10 \
+  --default_config --default_chunk 5 \
   --dtypes float32,bfloat16 --late_dtypes bfloat16x3 --synapses dense --iters 3 \
   --torch on --torch_device "$torch_device" --torch_dtypes float32,bfloat16 --torch_iters 2 \
   --matmul_size 8192 --timeout 150 --budget 440 \

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import compare
-from bitnet_jax import data, models, run_config, sharding, train_step
+from bitnet_jax import data, models, run_config, sharding
+from bitnet_jax import train_step as train_step_lib
 import bitnet_jax
 from configs import default
 
@@ -67,8 +68,8 @@ def train_step(args, params, images, labels):
   tx = run_config.optimizer(config, 1, 1000)
   step = run_config.train_step(config, module, tx, info, sharding.data_mesh())
   params = jax.tree_util.tree_map(jnp.asarray, params)
-  state = train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=tx.init(params))
+  state = train_step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                 opt_state=tx.init(params))
   batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
   compiled = step.lower(state, batch).compile()
   return (lambda s: compiled(s, batch)[0]), state, compiled

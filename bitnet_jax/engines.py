@@ -6,11 +6,10 @@ Both advance the layers through the one layer contract (`layers.py`): a chunk of
 `layers.through` with n = chunk steps, a step of `scan` the same with n = 1.
 
 - `scan`: `jax.lax.scan` over time steps, carrying every layer's membrane state; all six layers
-  advance one step per iteration. `remat` chooses what backprop keeps:
-  "none" (every step's activations), "step" (`jax.checkpoint` around each step: only the states
-  are kept, the step is recomputed) or "every:K" (only every K-th step's states are kept). No
-  config trains with it; it is the release's loop order, tested equal to `parallel`, and its
-  remat modes bound memory differently (`python -m benchmarks.memory`).
+  advance one step per iteration. `remat` chooses what backprop keeps: "none" (every step's
+  activations) or "step" (`jax.checkpoint` around each step: only the states are kept, the step
+  is recomputed). No config trains with it: it is the release's loop order, tested equal to
+  `parallel`, and what `python -m benchmarks.memory` compares the others' memory with.
 - `parallel`: layer by layer over a chunk of time steps. A layer's conv runs once over the whole
   (T_chunk * B) batch; only the cheap elementwise neuron is stepped in time (a `lax.scan` of
   `bddi`), which is exactly the running-sum identity of docs/ORIGINAL.md (spikes up to t =
@@ -59,20 +58,15 @@ class Trace(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Remat:
-  """What backprop keeps (see the module docstring); `str()` gives the config's spelling.
-
-  Attributes:
-    kind: scan: "none", "step" or "every"; parallel: "none", "chunk" or "stream".
-    every: K of "every:K" (the states kept every K steps), else 0.
-  """
+  """What backprop keeps (see the module docstring): scan: "none" or "step"; parallel: "none",
+  "chunk" or "stream". `str()` gives the config's spelling."""
   kind: str
-  every: int = 0
 
   def __str__(self) -> str:
-    return f"every:{self.every}" if self.kind == "every" else self.kind
+    return self.kind
 
 
-_REMATS = {"scan": ("none", "step", "every"), "parallel": ("none", "chunk", "stream")}
+_REMATS = {"scan": ("none", "step"), "parallel": ("none", "chunk", "stream")}
 
 
 def parse_remat(engine: str, remat: "str | Remat", surrogate=None) -> Remat:
@@ -84,15 +78,12 @@ def parse_remat(engine: str, remat: "str | Remat", surrogate=None) -> Remat:
   Raises:
     ValueError: an unknown engine, or a remat the engine does not have.
   """
-  allowed = {"scan": "'none', 'step' or 'every:K'",
+  allowed = {"scan": "'none' or 'step'",
              "parallel": "'none', 'chunk' or 'stream' (stream: 'ste' surrogate only)"}
   if engine not in ENGINES:
     raise ValueError(f"unknown engine {engine!r}: expected one of {ENGINES}")
   if isinstance(remat, Remat):
     parsed = remat
-  elif isinstance(remat, str) and remat.startswith("every:"):
-    k = remat.partition(":")[2]
-    parsed = Remat("every", int(k)) if k.isdigit() and int(k) >= 1 else None
   else:
     parsed = Remat(remat) if isinstance(remat, str) else None
   if parsed is None or parsed.kind not in _REMATS[engine]:
@@ -124,7 +115,7 @@ def run(module: models.BITnet6, params, images: jax.Array, time_steps: int, *,
     time_steps: number of time steps T.
     engine: "scan" or "parallel".
     chunk: parallel engine only: time steps per chunk; 0 = all steps in one chunk.
-    remat: what backprop keeps (a config string such as "every:4", or a `Remat`), see the
+    remat: what backprop keeps (a config string such as "stream", or a `Remat`), see the
       module docstring.
 
   Returns:
@@ -162,18 +153,9 @@ def _scan(runs, pred0, states, time_steps: int, remat: Remat):
     states, out, fired = layers.through(runs, pred0, states, 1)
     return states, (out[0], fired)                           # (B, classes), (B, 6)
 
-  if remat.kind == "none":
-    states, (out, fired) = jax.lax.scan(step, states, length=time_steps)
-  elif remat.kind == "step":
-    states, (out, fired) = jax.lax.scan(jax.checkpoint(step), states, length=time_steps)
-  else:  # every K steps: keep the states at block boundaries, recompute each block
-    k = remat.every
-    block = jax.checkpoint(lambda s, _: jax.lax.scan(step, s, length=k))
-    states, (out, fired) = jax.lax.scan(block, states, length=time_steps // k)
-    out, fired = out.reshape((-1,) + out.shape[2:]), fired.reshape((-1,) + fired.shape[2:])
-    if time_steps % k:
-      states, (out_r, fired_r) = jax.lax.scan(step, states, length=time_steps % k)
-      out, fired = jnp.concatenate([out, out_r]), jnp.concatenate([fired, fired_r])
+  if remat.kind == "step":
+    step = jax.checkpoint(step)
+  states, (out, fired) = jax.lax.scan(step, states, length=time_steps)
   return Trace(out, fired.sum(0), states[-1])
 
 

@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.chunk = 0                     # parallel engine: time steps per chunk (bounds memory); 0 = all T at once
   c.eval_chunk = 10               # the same at evaluation (no gradients: chunks cost nothing; every T compiles one chunk)
   c.remat = "auto"                # what backprop keeps: parallel: none | chunk | stream (ste only); scan: none |
-                                  # step | every:K. auto: stream with parallel + ste (exact, memory flat in T,
+                                  # step. auto: stream with parallel + ste (exact, memory flat in T,
                                   # fastest measured), else none
 
   # Optimisation (bitnet_jax/trainer.py).

@@ -89,6 +89,7 @@ def test_twin_gradients_are_autodiff_of_a_plain_relu_twin(tiny_model, images):
                                  err_msg=f"{name}/{leaf}")
 
 
+@pytest.mark.slow
 def test_relu_twin_trains_through_the_same_loop(tmp_path):
   config = tiny_config(neuron="relu", num_epochs=4, learning_rate=0.01)
   result = trainer.train_and_evaluate(config, str(tmp_path))
@@ -102,6 +103,7 @@ def test_relu_twin_trains_through_the_same_loop(tmp_path):
   assert evaluated["top1"] == result["top1"]
 
 
+@pytest.mark.slow
 def test_baseline_command_prints_the_twin_beside_the_bitnet(tmp_path):
   bitnet = tmp_path / "bitnet"
   bitnet.mkdir()
@@ -154,6 +156,7 @@ def test_twin_of_a_sparse_module_runs_dense_synapses(tiny_model, images):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_init_from_a_twin_starts_the_bitnet_from_its_balanced_weights(tmp_path):
   relu_dir, bitnet_dir = tmp_path / "relu", tmp_path / "bitnet"
   trainer.train_and_evaluate(tiny_config(neuron="relu", max_train_steps=2), str(relu_dir))

@@ -47,7 +47,7 @@ def test_bfloat16x3_counts_agree_with_float32(tiny_model, batch):
   parts; spikes are exact in bf16) in float32. Measured for this model and batch (equal counts
   out of 320): T=10: 1 part 61.6 %, 2 parts 96.6 %, 3 parts 100 %; T=50: 40.9 %, 60.9 %,
   95.0 % (99.7 % within one count). The T=50 gap of 3 parts is float32's own: a different
-  summation order moves a spike by a step (see README, "bfloat16")."""
+  summation order moves a spike by a step (see docs/benchmarks.md, "bfloat16")."""
   f32 = bitnet_jax.spike_counts(tiny_model, batch, STEPS)
   assert 0 < float(f32.mean()) < STEPS
   bf16 = bitnet_jax.spike_counts(tiny_model.replace(module=_bf16x3(tiny_model.module)), batch,
@@ -80,6 +80,7 @@ def _grads(module, params, images, engine, chunk, remat):
   return step.compile(compiler_options={"xla_allow_excess_precision": False})(params)
 
 
+@pytest.mark.slow
 def test_stream_with_bfloat16_compute_matches_autodiff(tiny_model, batch):
   """The same bf16 spikes as plain autodiff of the parallel engine with the same chunks; the
   kernel gradients differ only by bf16 rounding of the cotangents (autodiff rounds them to bf16
@@ -95,6 +96,7 @@ def test_stream_with_bfloat16_compute_matches_autodiff(tiny_model, batch):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-2 * float(jnp.abs(b).max()))
 
 
+@pytest.mark.slow
 def test_bfloat16x3_stream_gradients_match_float32(tiny_model, batch):
   """bfloat16x3 trains like float32: the same spikes, and gradients within bf16 rounding of the
   cotangents (the weight gradients of the stream are computed in float32)."""

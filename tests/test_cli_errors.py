@@ -122,15 +122,18 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
      ["--sweep takes integers >= 1, e.g. 10,50,200; got 10,a"], None),
     ("eval.py", [*CONFIG], 2, ["give --workdir (a training run) or --torch_checkpoint"], None),
 ])
+@pytest.mark.slow
 def test_usage_errors_are_one_line(script, args, status, parts, hint):
   _one_error_line(*_run(script, *args), status, *parts, hint=hint)
 
 
+@pytest.mark.slow
 def test_verbose_shows_the_traceback():
   code, _, stderr = _run("train.py", *CONFIG, "--config.fs=-1", "--verbose")
   assert code == 1 and "Traceback" in stderr and "ConfigError" in stderr
 
 
+@pytest.mark.slow
 def test_missing_or_empty_workdir(tmp_path):
   missing = tmp_path / "nope"
   _one_error_line(*_run("eval.py", *CONFIG, "--workdir", str(missing)), 1,
@@ -142,6 +145,7 @@ def test_missing_or_empty_workdir(tmp_path):
   assert os.listdir(tmp_path / "empty") == []
 
 
+@pytest.mark.slow
 def test_release_checkpoint_mistakes(tmp_path):
   """eval.py --torch_checkpoint on a missing, damaged or mismatched .ckpt, and the export command
   on a missing workdir: one line each."""
@@ -164,6 +168,7 @@ def test_release_checkpoint_mistakes(tmp_path):
   assert not (tmp_path / "out.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_missing_and_wrong_data_create_no_workdir(tmp_path):
   workdir = tmp_path / "w"
   _one_error_line(*_run("train.py", *CONFIG, "--config.dataset=tiny_imagenet",
@@ -176,6 +181,7 @@ def test_missing_and_wrong_data_create_no_workdir(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_errors_about_a_workdir_leave_it_as_it_was(workdir, tmp_path):
   """An architecture that does not match, and an unknown step: one line each, nothing changed."""
   w = _copy(workdir, tmp_path)
@@ -187,6 +193,7 @@ def test_errors_about_a_workdir_leave_it_as_it_was(workdir, tmp_path):
   assert _snapshot(w) == before
 
 
+@pytest.mark.slow
 def test_a_finished_run_says_so(workdir, tmp_path):
   w = _copy(workdir, tmp_path)
   before = _snapshot(w)
@@ -200,6 +207,7 @@ def test_a_finished_run_says_so(workdir, tmp_path):
 # Damaged checkpoints through the commands.
 
 
+@pytest.mark.slow
 def test_train_resumes_from_the_newest_readable_checkpoint(workdir, tmp_path):
   w = _copy(workdir, tmp_path)
   path = _damage(w / "checkpoints" / "16", "state", "truncate")
@@ -227,6 +235,7 @@ def test_train_resumes_from_the_newest_readable_checkpoint(workdir, tmp_path):
   assert sorted(os.listdir(w / "checkpoints")) == ["22", "24"]  # checkpoint_every=2, keep 2
 
 
+@pytest.mark.slow
 def test_eval_latest_skips_a_damaged_step_and_changes_nothing(workdir, tmp_path):
   w = _copy(workdir, tmp_path)
   _damage(w / "checkpoints" / "16", "meta", "zero")
@@ -239,6 +248,7 @@ def test_eval_latest_skips_a_damaged_step_and_changes_nothing(workdir, tmp_path)
   assert _snapshot(w) == before
 
 
+@pytest.mark.slow
 def test_eval_of_a_damaged_explicit_step_names_the_newest_good_one(workdir, tmp_path):
   w = _copy(workdir, tmp_path)
   _damage(w / "checkpoints" / "16", "state", "delete")
@@ -249,6 +259,7 @@ def test_eval_of_a_damaged_explicit_step_names_the_newest_good_one(workdir, tmp_
   assert _snapshot(w) == before
 
 
+@pytest.mark.slow
 def test_eval_best_falls_back_to_the_latest_readable(workdir, tmp_path):
   w = _copy(workdir, tmp_path)
   (best,) = os.listdir(w / "best")

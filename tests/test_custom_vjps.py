@@ -95,6 +95,7 @@ def test_bddi_vjp_is_its_documented_gradient(spec):
 # The lean backend's two: their domain is spikes for the synapse, any pred for the neuron.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("name", ["layer2", "mlp1"])
 def test_spike_synapse_vjp_is_autodiff_on_spikes(sparse, name):

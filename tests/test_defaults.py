@@ -11,7 +11,8 @@ import pytest
 from bitnet_jax import run_config
 from bitnet_jax import defaults
 from bitnet_jax import trainer
-from tests.helpers import ROOT, TINY, tiny_config
+from bitnet_jax.kernels import spike_conv
+from tests.helpers import ROOT, tiny_config
 
 
 def _ok():
@@ -135,23 +136,32 @@ def test_old_configs_are_upgraded_to_what_they_ran():
   assert resolution.values["matmul_precision"] == "highest"
 
 
-def test_a_resumed_run_keeps_the_resolution_it_started_with(tmp_path):
+@pytest.mark.slow
+def test_a_resumed_run_keeps_the_resolution_it_started_with(tmp_path, capsys):
   """Started with explicit dense synapses and remat=none, resumed with the defaults (auto): the
   resumed run keeps dense/none (header and stored config), where a fresh run would go sparse."""
-  first = tiny_config(synapses="dense", remat="none", max_train_steps=2)
-  trainer.train_and_evaluate(first, str(tmp_path))
-  out = subprocess.run(
-      [sys.executable, "train.py", "--config", "configs/default.py", "--workdir", str(tmp_path),
-       *TINY, "--config.max_train_steps=4"], cwd=ROOT, capture_output=True, text=True,
-      timeout=600)
-  assert out.returncode == 0, out.stdout + out.stderr
+  trainer.train_and_evaluate(tiny_config(synapses="dense", remat="none", max_train_steps=2),
+                             str(tmp_path))
+  capsys.readouterr()
+  trainer.train_and_evaluate(tiny_config(max_train_steps=4), str(tmp_path))
+  out = capsys.readouterr().out
   assert ("compute: float32 synapses, float32 state and parameters, dense synapses (XLA), "
-          "remat=none (as this run started; on cpu: ") in out.stdout, out.stdout
+          "remat=none (as this run started; on cpu: ") in out, out
   meta = json.load(open(os.path.join(tmp_path, "checkpoints", "4", "meta", "metadata")))
   assert meta["config"]["synapses"] == "dense" and meta["config"]["remat"] == "none"
-  fresh = subprocess.run(
-      [sys.executable, "train.py", "--config", "configs/default.py", "--workdir",
-       str(tmp_path / "fresh"), *TINY, "--config.max_train_steps=1"], cwd=ROOT,
-      capture_output=True, text=True, timeout=600)
-  assert fresh.returncode == 0, fresh.stdout + fresh.stderr
-  assert "sparse synapses (zero-skipping CPU kernel), remat=stream (auto on cpu: " in fresh.stdout
+  fresh, resolution = run_config.resolve(tiny_config())
+  sparse = spike_conv.available()[0]  # where the kernel cannot build, auto says dense, and why
+  assert (fresh.synapses, fresh.remat) == ("sparse" if sparse else "dense", "stream")
+  assert not resolution.stored
+
+
+@pytest.mark.slow
+def test_defaults_benchmark_runs():
+  """`python -m benchmarks.defaults` (the speed of auto against dense synapses) runs; smoke
+  sizes, so its numbers mean nothing here."""
+  out = subprocess.run([sys.executable, "-m", "benchmarks.defaults", "--smoke"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout + out.stderr
+  rows = [l for l in out.stdout.splitlines() if l.startswith("| configs/quickstart.py")]
+  assert len(rows) == 2 and "sparse synapses (zero-skipping CPU kernel)" in rows[0]
+  assert "dense synapses (XLA)" in rows[1] and rows[0].rstrip().endswith("x |")

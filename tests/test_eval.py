@@ -36,6 +36,7 @@ def _evaluate(setup, steps, **kwargs):
   return evaluate.summarize(sums, module, steps, kwargs.get("sweep", ()))
 
 
+@pytest.mark.slow
 def test_sweep_equals_separate_runs(setup):
   swept = _evaluate(setup, 12, sweep=(1, 3, 7, 12))
   assert swept["n"] == 21
@@ -44,6 +45,7 @@ def test_sweep_equals_separate_runs(setup):
   assert swept["sweep_top1"][12] == swept["top1"]
 
 
+@pytest.mark.slow
 def test_sparsity_equals_a_direct_count(setup):
   config, info, module, params = setup
   steps = 5
@@ -80,6 +82,7 @@ def _eval_py(*args):
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_eval_py_on_a_training_workdir(tmp_path):
   train = subprocess.run([sys.executable, "train.py", "--config", "configs/default.py",
                           "--workdir", str(tmp_path), *TINY, "--config.max_train_steps=4"],

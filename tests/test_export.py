@@ -18,6 +18,9 @@ from bitnet_jax import trainer
 from bitnet_jax.interop import export
 from tests.helpers import ROOT, TINY, tiny_config
 
+pytestmark = pytest.mark.slow  # the fast subset: python -m pytest -m "not slow"
+
+
 try:
   import torch
 except ImportError:

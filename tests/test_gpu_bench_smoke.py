@@ -13,6 +13,9 @@ import torch
 from benchmarks import compare, torch_baseline
 from bitnet_jax import models
 
+pytestmark = pytest.mark.slow  # the fast subset: python -m pytest -m "not slow"
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

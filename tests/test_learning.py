@@ -1,10 +1,14 @@
 """A tiny BITnet learns real images: Fashion-MNIST (the subset shipped in data/, so this never
 needs a download or skips), trained for two minutes at most on a 2-core CPU."""
 
+import pytest
 import os
 
 from configs import default
 from bitnet_jax import trainer
+
+pytestmark = pytest.mark.slow  # the fast subset: python -m pytest -m "not slow"
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

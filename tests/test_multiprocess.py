@@ -23,6 +23,9 @@ import pytest
 from bitnet_jax import checkpointing
 from bitnet_jax import distributed
 
+pytestmark = pytest.mark.slow  # the fast subset: python -m pytest -m "not slow"
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny model on the shipped Fashion-MNIST subset: 64 training images in global batches of 8
 # (8 steps per epoch, 2 epochs), 20 test images in global evaluation batches of 8 (the last one

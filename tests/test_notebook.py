@@ -23,6 +23,8 @@ import bitnet_jax  # noqa: E402
 import jax  # noqa: E402
 from bitnet_jax import interop  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the fast subset: python -m pytest -m "not slow"
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "colab.ipynb"
 CELL_TIMEOUT_S = 300  # per cell; this whole file: 113 s wall, 45 s CPU (2 shared cores, load 11)
@@ -71,6 +73,7 @@ except subprocess.CalledProcessError as e:
 """
 _INTERRUPT = """
 import threading, time
+
 
 def _interrupt_kernel(path, deadline):
   while not path.exists() and time.time() < deadline:

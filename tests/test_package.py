@@ -24,6 +24,8 @@ from packaging.utils import canonicalize_name
 from bitnet_jax.kernels import shared_library
 from bitnet_jax.kernels import spike_conv
 
+pytestmark = pytest.mark.slow  # the fast subset: python -m pytest -m "not slow"
+
 ROOT = Path(__file__).resolve().parent.parent
 # What pyproject.toml builds from: a copy of these is installed (not the checkout itself, whose
 # in-tree build/ and *.egg-info would collide with other runs).
@@ -45,6 +47,7 @@ PROBE = COUNTS + """
 import json, sys
 import bitnet_jax.cli.runner, bitnet_jax.data  # the sub-packages are installed too
 from bitnet_jax.kernels import shared_library, spike_conv
+
 ok, why = spike_conv.available()
 np.save(sys.argv[1] + "/counts.npy", tiny_counts())
 print(json.dumps({"file": bitnet_jax.__file__, "source": str(shared_library.SOURCE),

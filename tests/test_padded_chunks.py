@@ -60,6 +60,7 @@ def _unpadded(surrogate: str):
   return _loss_and_grad(module, params, _images(), 0, "none")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("synapses", SYNAPSES)
 @pytest.mark.parametrize("remat,surrogate", MODES)
 def test_padded_chunks_equal_one_chunk_float64(synapses, remat, surrogate):
@@ -83,6 +84,7 @@ def test_padded_chunks_equal_one_chunk_float64(synapses, remat, surrogate):
                                  err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("synapses", SYNAPSES)
 def test_padded_chunks_equal_numpy_reference_float64(synapses):
   with jax.enable_x64(True):

@@ -37,6 +37,7 @@ def test_training_plot_errors(tmp_path):
     plots.plot_training([{"step": 1, "kind": "eval"}], str(tmp_path / "x.png"))
 
 
+@pytest.mark.slow
 def test_plots_command(tmp_path):
   workdir = _workdir(tmp_path, [{"step": s, "kind": "train", "accuracy": 0.5, "loss": 1 / s}
                                 for s in (10, 20)])

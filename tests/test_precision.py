@@ -152,6 +152,7 @@ def lowered_eval_step(precision, compute, engine, chunk) -> str:
   return step.lower(params, _abstract_batch(info, train=False)).as_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compute", ["float32", "bfloat16x3"])
 @pytest.mark.parametrize("engine,remat,chunk", ENGINES)
 @pytest.mark.parametrize("precision", ["highest", "high", "default"])

@@ -28,6 +28,8 @@ from bitnet_jax.data import idx
 from bitnet_jax.data import prepare
 from bitnet_jax.data import tfds
 
+pytestmark = pytest.mark.slow  # the fast subset: python -m pytest -m "not slow"
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBIAN = "/usr/share/datasets/fashion-mnist"
 N = 256  # examples kept per split
@@ -43,6 +45,7 @@ _TFRECORD_SCRIPT = """
 import sys
 import tensorflow_datasets as tfds
 from bitnet_jax.data import prepare
+
 prepare._serve_downloads_from(sys.argv[1])
 tfds.builder("fashion_mnist", data_dir=sys.argv[2]).download_and_prepare(
     download_config=tfds.download.DownloadConfig(max_examples_per_split=int(sys.argv[3])))

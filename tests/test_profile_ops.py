@@ -8,6 +8,9 @@ import pytest
 from benchmarks import profile_ops
 from bitnet_jax.kernels import spike_conv
 
+pytestmark = pytest.mark.slow  # the fast subset: python -m pytest -m "not slow"
+
+
 _OK, _WHY = spike_conv.available()
 
 

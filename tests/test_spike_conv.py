@@ -258,6 +258,7 @@ def test_sparse_needs_float32():
     run_config.validate_config(config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,img_size", [("BITnet6", 32), ("BITnet6_v101", 32),
                                               ("BITnet6", 64)])
 def test_sparse_engines_equal_numpy_reference_float64(variant, img_size):
@@ -286,6 +287,7 @@ def _loss_and_grad(module, params, images, engine, remat):
   return jax.value_and_grad(loss, has_aux=True)(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine,remat", [("scan", "step"), ("parallel", "none"),
                                           ("parallel", "stream")])
 def test_sparse_float32_agrees_with_dense(tiny_model, images, engine, remat):
@@ -302,6 +304,7 @@ def test_sparse_float32_agrees_with_dense(tiny_model, images, engine, remat):
     np.testing.assert_allclose(g, ref, rtol=0, atol=3e-4 * float(jnp.abs(ref).max()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine,remat", [("scan", "step"), ("parallel", "none"),
                                           ("parallel", "stream")])
 def test_sparse_gradients_equal_dense_float64(engine, remat):
@@ -318,6 +321,7 @@ def test_sparse_gradients_equal_dense_float64(engine, remat):
       np.testing.assert_allclose(g, ref, rtol=0, atol=1e-10 * float(jnp.abs(ref).max()))
 
 
+@pytest.mark.slow
 def test_training_with_sparse_synapses(tmp_path):
   """`synapses="sparse"` end to end: the trainer builds a sparse model, trains and evaluates."""
   config = tiny_config(synapses="sparse", num_epochs=1, chunk=1)

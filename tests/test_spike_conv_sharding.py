@@ -17,8 +17,10 @@ import pytest
 
 from bitnet_jax.kernels import spike_conv
 
+
 _OK, _WHY = spike_conv.available()
-pytestmark = pytest.mark.skipif(not _OK, reason=f"spike_conv kernel unavailable: {_WHY}")
+pytestmark = [pytest.mark.slow,  # the fast subset: python -m pytest -m "not slow"
+              pytest.mark.skipif(not _OK, reason=f"spike_conv kernel unavailable: {_WHY}")]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -50,6 +50,7 @@ def uninterrupted(tmp_path_factory):
   return workdir, out
 
 
+@pytest.mark.slow
 def test_train_py_end_to_end(uninterrupted):
   workdir, out = uninterrupted
   assert "parameters" in out.stdout and "devices: 1 x cpu" in out.stdout
@@ -65,6 +66,7 @@ def test_train_py_end_to_end(uninterrupted):
   assert params["begin"]["kernel"].shape == (3, 3, 3, 8)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
   """A run killed with SIGKILL and rerun ends with exactly the uninterrupted run's parameters
   (CPU XLA is deterministic, and the data iterator resumes on the exact next batch)."""
@@ -100,6 +102,7 @@ def _wait_for(path, proc, timeout=300):
     time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
   proc = _train(tmp_path, "--config.num_epochs=50", wait=False)
   _wait_for(tmp_path / "metrics.jsonl", proc)
@@ -112,6 +115,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert f"resume with: python train.py --config configs/default.py --workdir {tmp_path}" in stdout
 
 
+@pytest.mark.slow
 def test_sigint_saves_the_current_step_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
   """Regression: Colab's interrupt is SIGINT, which raised KeyboardInterrupt and saved nothing
   (losing up to an epoch). Now the step in flight is finished and saved, and a rerun ends with
@@ -128,6 +132,7 @@ def test_sigint_saves_the_current_step_then_resume_is_bitwise_identical(uninterr
   _resume_and_compare(tmp_path, step, uninterrupted[0])
 
 
+@pytest.mark.slow
 def test_one_vs_eight_devices_same_losses(uninterrupted, tmp_path):
   """The same global batch over 8 CPU devices gives the 1-device loss trajectory (the gradient
   all-reduce sums in another order: float rounding only, so a small tolerance)."""
@@ -140,6 +145,7 @@ def test_one_vs_eight_devices_same_losses(uninterrupted, tmp_path):
   np.testing.assert_allclose(eight, one, rtol=2e-3)
 
 
+@pytest.mark.slow
 def test_steps_flag_and_overrides_reach_the_config(tmp_path):
   out = _train(tmp_path, "--steps", "3", "--config.max_train_steps=2")
   assert out.returncode == 0, out.stdout + out.stderr
@@ -171,6 +177,7 @@ def test_bad_configs_rejected_before_compile(overrides, match, tmp_path):
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_batch_must_divide_over_devices():
   out = subprocess.run(
       [sys.executable, "-c", "from tests.helpers import tiny_config; from bitnet_jax import "
@@ -180,12 +187,14 @@ def test_batch_must_divide_over_devices():
   assert "batch_size=12 does not divide over the 8 devices" in out.stderr
 
 
+@pytest.mark.slow
 def test_workdir_of_another_architecture_is_refused(uninterrupted, tmp_path):
   workdir = uninterrupted[0]
   with pytest.raises(ValueError, match="another architecture .*fs: checkpoint 0.125 vs config 0.25"):
     trainer.train_and_evaluate(tiny_config(fs=0.25), str(workdir))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   # The loss is bounded by construction, so the fault is injected into the step's metrics.
   real_make_step = run_config.train_step
@@ -205,6 +214,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
   assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints")) == [2, 4]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cifar10", "cifar100_max", "tiny_imagenet"])
 def test_seed_configs_compile_at_full_size(name):
   """The seed's models (fs=4/5, 50 training time steps) compile their train step on CPU;
@@ -227,6 +237,7 @@ def _info(name, classes, hw):
                               num_train=1000, num_test=100, mean=(0.5,) * 3, std=(0.25,) * 3)
 
 
+@pytest.mark.slow
 def test_train_on_tfds_mock_cifar10(tmp_path):
   """The TFDS path end to end (tfds.testing.mock_data: no network, no TensorFlow)."""
   import tensorflow_datasets as tfds
