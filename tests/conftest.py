@@ -4,7 +4,6 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402  (after the platform is chosen)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

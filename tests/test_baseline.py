@@ -2,7 +2,6 @@
 side-by-side command, its errors, and a BITnet started from its balanced weights."""
 
 import json
-import os
 import subprocess
 import sys
 

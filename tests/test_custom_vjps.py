@@ -10,7 +10,6 @@ listed here with the test that checks it, and a new `custom_vjp` without an entr
 import ast
 import glob
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,7 @@ import pytest
 import bitnet_jax
 from bitnet_jax import lean
 from bitnet_jax import neuron
-from tests.helpers import ROOT, firing_params
+from tests.helpers import ROOT
 
 # "module path:function" -> (test file, test function) that checks it over its domain.
 TESTED = {

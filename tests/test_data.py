@@ -24,7 +24,6 @@ import pytest
 from PIL import Image
 
 from bitnet_jax import run_config
-from bitnet_jax import sharding
 from bitnet_jax.data import cifar
 from bitnet_jax.data import pipeline
 from bitnet_jax.data import registry

@@ -3,8 +3,6 @@ run keeps what it started with, and the release's weights are evaluated at float
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -12,7 +10,7 @@ from bitnet_jax import run_config
 from bitnet_jax import defaults
 from bitnet_jax import trainer
 from bitnet_jax.kernels import spike_conv
-from tests.helpers import ROOT, tiny_config
+from tests.helpers import tiny_config
 
 
 def _ok():
@@ -153,15 +151,3 @@ def test_a_resumed_run_keeps_the_resolution_it_started_with(tmp_path, capsys):
   sparse = spike_conv.available()[0]  # where the kernel cannot build, auto says dense, and why
   assert (fresh.synapses, fresh.remat) == ("sparse" if sparse else "dense", "stream")
   assert not resolution.stored
-
-
-@pytest.mark.slow
-def test_defaults_benchmark_runs():
-  """`python -m benchmarks.defaults` (the speed of auto against dense synapses) runs; smoke
-  sizes, so its numbers mean nothing here."""
-  out = subprocess.run([sys.executable, "-m", "benchmarks.defaults", "--smoke"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stdout + out.stderr
-  rows = [l for l in out.stdout.splitlines() if l.startswith("| configs/quickstart.py")]
-  assert len(rows) == 2 and "sparse synapses (zero-skipping CPU kernel)" in rows[0]
-  assert "dense synapses (XLA)" in rows[1] and rows[0].rstrip().endswith("x |")

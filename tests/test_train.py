@@ -16,7 +16,6 @@ from bitnet_jax import run_config
 from bitnet_jax import checkpointing
 from bitnet_jax import evaluate
 from bitnet_jax import trainer
-from configs import default
 
 from tests.helpers import ROOT, TINY, tiny_config
 
