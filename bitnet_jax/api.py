@@ -51,8 +51,9 @@ def create_model(variant: str = "BITnet6", *, fs: float, num_classes: int, img_s
     params = jax.jit(module.init)(jax.random.PRNGKey(seed), dummy)["params"]
     return Model(module, params)
   expected = jax.eval_shape(module.init, jax.random.PRNGKey(seed), dummy)["params"]
-  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-  got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  shapes = lambda tree: {jax.tree_util.keystr(k): v.shape
+                         for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  want, got = shapes(expected), shapes(params)
   if want != got:
     bad = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
     raise ValueError("params do not fit the architecture: " + "; ".join(

@@ -30,7 +30,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       at exit.
 
   Raises:
-    errors.ConfigError (a ValueError): when only some of the three explicit settings are given, or they are invalid.
+    errors.ConfigError (a ValueError): when only some of the three explicit settings are
+      given, or they are invalid.
   """
   explicit = {"coordinator_address": coordinator_address, "num_processes": num_processes,
               "process_id": process_id}
@@ -38,16 +39,18 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if given and len(given) != 3:
     missing = [k for k in explicit if k not in given]
     raise errors.ConfigError(f"distributed: give all of coordinator_address, num_processes and "
-                     f"process_id, or none (auto-detection); got {given}, missing {missing}")
+                             f"process_id, or none (auto-detection); got {given}, missing "
+                             f"{missing}")
   if num_processes is not None and not (isinstance(num_processes, int) and num_processes >= 1):
-    raise errors.ConfigError(f"distributed: num_processes must be an int >= 1, got {num_processes!r}")
+    raise errors.ConfigError(f"distributed: num_processes must be an int >= 1, got "
+                             f"{num_processes!r}")
   if process_id is not None and not (isinstance(process_id, int) and
                                      0 <= process_id < num_processes):
-    raise errors.ConfigError(f"distributed: process_id must be an int in [0, {num_processes}), got "
-                     f"{process_id!r}")
+    raise errors.ConfigError(f"distributed: process_id must be an int in [0, {num_processes}), "
+                             f"got {process_id!r}")
   if coordinator_address is not None and ":" not in coordinator_address:
     raise errors.ConfigError(f"distributed: coordinator_address must be host:port, got "
-                     f"{coordinator_address!r}")
+                             f"{coordinator_address!r}")
   if not (isinstance(timeout_s, int) and timeout_s >= 1):
     raise errors.ConfigError(f"distributed: timeout_s must be an int >= 1, got {timeout_s!r}")
   jax.distributed.initialize(coordinator_address, num_processes, process_id,

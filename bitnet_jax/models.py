@@ -226,7 +226,10 @@ def create_module(variant: str = "BITnet6", **fields) -> BITnet6:
 
 
 # Config names of the synapses' compute: (dtype, kernel_parts). "bfloat16x3" gives float32's spikes
-# (up to summation order) from bfloat16 products; plain "bfloat16" diverges over time steps.
+# (up to summation order) from bfloat16 products, but on an NVIDIA H200 it trained 16x slower than
+# plain "bfloat16" (28.5 against 468.8 images/s, docs/benchmarks.md): not for a GPU. Plain
+# "bfloat16" (the GPU/TPU default, `auto`) diverges from float32's spikes over time steps, yet
+# trained as well as float32 (docs/auto_study.md).
 COMPUTE_DTYPES = {"float32": (jnp.float32, 1), "bfloat16": (jnp.bfloat16, 1),
                   "bfloat16x2": (jnp.bfloat16, 2), "bfloat16x3": (jnp.bfloat16, 3)}
 

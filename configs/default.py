@@ -32,7 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
   # always wins.
   c.compute_dtype = "auto"        # auto | float32 | bfloat16 | bfloat16x2 | bfloat16x3: the synapses' compute
                                   # (params and membranes stay float32). auto: float32 on CPU, bfloat16 on
-                                  # GPU/TPU. bfloat16xN: N bf16 parts of each kernel, float32 sums
+                                  # GPU/TPU. bfloat16xN: N bf16 parts of each kernel, float32 sums (x3 keeps
+                                  # float32's spikes, but trained 16x slower than bfloat16 on an H200)
   c.matmul_precision = "auto"     # auto | highest | high | default: jax.lax.Precision of every float32 conv
                                   # and matmul, forward and backward. No effect on CPU. highest: true float32
                                   # (slowest on GPU/TPU); high/default: TF32 on Ampere+ GPUs; on TPU 3 / 1

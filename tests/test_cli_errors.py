@@ -198,7 +198,8 @@ def test_a_finished_run_says_so(workdir, tmp_path):
   before = _snapshot(w)
   code, stdout, stderr = _run("train.py", *CONFIG, "--workdir", str(w))
   assert code == 0 and "Traceback" not in stdout + stderr
-  assert stdout.strip().splitlines()[-1] == f"already trained to step 16 (workdir {w}); nothing to do"
+  last = stdout.strip().splitlines()[-1]
+  assert last == f"already trained to step 16 (workdir {w}); nothing to do"
   assert _snapshot(w) == before
 
 

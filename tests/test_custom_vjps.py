@@ -23,7 +23,8 @@ from tests.helpers import ROOT
 
 # "module path:function" -> (test file, test function) that checks it over its domain.
 TESTED = {
-    "bitnet_jax/neuron.py:neuron": ("test_custom_vjps.py", "test_bddi_vjp_is_its_documented_gradient"),
+    "bitnet_jax/neuron.py:neuron": ("test_custom_vjps.py",
+                                    "test_bddi_vjp_is_its_documented_gradient"),
     "bitnet_jax/neuron.py:maxpool": ("test_lean.py", "test_maxpool_gradient_is_bitwise_autodiffs"),
     "bitnet_jax/lean.py:_spike_synapse": ("test_custom_vjps.py",
                                           "test_spike_synapse_vjp_is_autodiff_on_spikes"),
@@ -112,7 +113,8 @@ def test_spike_synapse_vjp_is_autodiff_on_spikes(sparse, name):
     x = jnp.asarray(rng.random(shape) < 0.3, jnp.float64)             # spikes: 0 and 1
     synapse = lambda p, x: module.apply({"params": {name: p}}, name, x, method=module.synapse)
     out, vjp_ref = jax.vjp(synapse, layer, x)
-    got, vjp = jax.vjp(lambda p, x: lean._spike_synapse(module, name, p, x), layer, x)  # pylint: disable=protected-access
+    ours = lean._spike_synapse  # pylint: disable=protected-access
+    got, vjp = jax.vjp(lambda p, x: ours(module, name, p, x), layer, x)
     g = jnp.asarray(rng.normal(size=out.shape))
     np.testing.assert_allclose(got, out, rtol=1e-12, atol=1e-12)
     for a, b in zip(jax.tree_util.tree_leaves(vjp(g)), jax.tree_util.tree_leaves(vjp_ref(g))):
@@ -139,7 +141,8 @@ def test_lean_neuron_vjp_is_autodiff_of_the_scan(const, valid):
       return neuron.over_time(state, surrogate, valid=v, **kw)
 
     def ours(state, preds):
-      return lean._neuron_over_time(state, preds, v, n, surrogate)  # pylint: disable=protected-access
+      neuron_over_time = lean._neuron_over_time  # pylint: disable=protected-access
+      return neuron_over_time(state, preds, v, n, surrogate)
 
     out_ref, vjp_ref = jax.vjp(ref, state, preds)
     out, vjp = jax.vjp(ours, state, preds)

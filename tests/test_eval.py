@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bitnet_jax import run_config
+from bitnet_jax import defaults
 from bitnet_jax import evaluate
 from bitnet_jax import interop
 from bitnet_jax.data import pipeline
@@ -110,6 +111,24 @@ def test_eval_py_on_a_release_checkpoint(setup, tmp_path):
                  "--json", str(tmp_path / "r.json"))
   assert out.returncode == 0, out.stderr
   assert json.loads((tmp_path / "r.json").read_text())["top1"] == _evaluate(setup, 5)["top1"]
+
+
+def test_release_weights_are_evaluated_in_float32_highest_on_an_accelerator(setup, tmp_path,
+                                                                          monkeypatch):
+  """On a GPU or TPU `auto` is bfloat16, but a checkpoint of the release is evaluated in float32
+  at `highest` (its spikes), while a workdir of ours gets the platform's auto. The platform is
+  faked (the computation runs on this CPU either way)."""
+  config, _, _, params = setup
+  path = tmp_path / "release.ckpt"
+  interop.write_checkpoint(str(path), interop.to_torch_state_dict(params))
+  monkeypatch.setattr(defaults, "platform_and_kind", lambda: ("gpu", "NVIDIA H200"))
+  lines = []
+  evaluate.run_evaluation(tiny_config(synthetic_num_test=21, eval_time_steps=3),
+                          torch_ckpt=str(path), log=lines.append)
+  assert lines == ["compute: float32 synapses, float32 state and parameters, matmul precision "
+                   "highest, dense synapses (XLA), remat=stream (auto on gpu: NVIDIA H200)"]
+  resolved, _ = run_config.resolve(tiny_config())
+  assert (resolved.compute_dtype, resolved.matmul_precision) == ("bfloat16", "default")
 
 
 def test_eval_errors(tmp_path):
