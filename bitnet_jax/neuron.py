@@ -230,6 +230,11 @@ def _maxpool_bwd(is_max, g):
 maxpool.defvjp(_maxpool_fwd, _maxpool_bwd)
 
 
+# Steps at most this many are unrolled (no loop): XLA then fuses the steps' elementwise work and
+# writes each step's spikes in place, instead of a loop that stacks them one slice at a time.
+_UNROLL = 16
+
+
 def over_time(state: jax.Array, surrogate: Surrogate, preds: "jax.Array | None" = None,
               const: "jax.Array | None" = None, length: "int | None" = None,
               valid: "jax.Array | None" = None):
@@ -260,7 +265,7 @@ def over_time(state: jax.Array, surrogate: Surrogate, preds: "jax.Array | None" 
     state, spike = step(state, None if preds is None else preds[0])
     return spike[None], state
   if valid is None:
-    state, spikes = jax.lax.scan(step, state, preds, length=length)
+    state, spikes = jax.lax.scan(step, state, preds, length=length, unroll=n <= _UNROLL)
     return spikes, state
 
   def masked_step(s, xs):
@@ -269,7 +274,8 @@ def over_time(state: jax.Array, surrogate: Surrogate, preds: "jax.Array | None" 
     on = t < valid                                           # () bool: a step that runs
     return jnp.where(on, new_s, s), jnp.where(on, spike, jnp.zeros((), spike.dtype))
 
-  state, spikes = jax.lax.scan(masked_step, state, (preds, jnp.arange(n, dtype=jnp.int32)))
+  state, spikes = jax.lax.scan(masked_step, state, (preds, jnp.arange(n, dtype=jnp.int32)),
+                               unroll=n <= _UNROLL)
   return spikes, state
 
 
