@@ -230,8 +230,9 @@ def _maxpool_bwd(is_max, g):
 maxpool.defvjp(_maxpool_fwd, _maxpool_bwd)
 
 
-# Steps at most this many are unrolled (no loop): XLA then fuses the steps' elementwise work and
-# writes each step's spikes in place, instead of a loop that stacks them one slice at a time.
+# Steps at most this many (the scan engine's one step, chunks, short T) are unrolled (no loop):
+# XLA then fuses the steps' elementwise work and writes each step's spikes in place, instead of a
+# loop that stacks them one slice at a time.
 _UNROLL = 16
 
 
@@ -261,9 +262,6 @@ def over_time(state: jax.Array, surrogate: Surrogate, preds: "jax.Array | None" 
     return s, spike
 
   n = length if preds is None else preds.shape[0]
-  if valid is None and n == 1:  # one step (the scan engine's): no loop
-    state, spike = step(state, None if preds is None else preds[0])
-    return spike[None], state
   if valid is None:
     state, spikes = jax.lax.scan(step, state, preds, length=length, unroll=n <= _UNROLL)
     return spikes, state
