@@ -76,13 +76,15 @@ import threading, time
 
 
 def _interrupt_kernel(path, deadline):
-  while not path.exists() and time.time() < deadline:
-    time.sleep(0.2)
+  # Any saved step will do: with checkpoint_every=1, step 1 may be pruned before a poll sees it.
+  while time.time() < deadline and not (
+      path.is_dir() and any(p.name.isdigit() for p in path.iterdir())):
+    time.sleep(0.05)
   os.kill(os.getpid(), signal.SIGINT)
 
 RUN2 = WORKDIR.parent / "interrupted"
 threading.Thread(target=_interrupt_kernel, daemon=True,
-                 args=(RUN2 / "checkpoints" / "1", time.time() + 120)).start()
+                 args=(RUN2 / "checkpoints", time.time() + 120)).start()
 try:
   run(sys.executable, "train.py", "--config", CONFIG_FILE, "--workdir", RUN2,
       "--config.max_train_steps=500", "--config.checkpoint_every=1", *COMMON)
