@@ -65,6 +65,17 @@ struct Vec {
   static void Store(T* p, type v) { std::memcpy(p, &v, sizeof v); }
 };
 
+// n values of scratch in buf (kept between calls, so a call costs no page faults), starting on
+// a 64-byte boundary: a vector load that straddles two cache lines costs two. (malloc aligns to
+// 16 bytes only, so the scratch's alignment, and the kernels' speed, varied from run to run.)
+template <typename T>
+T* Aligned(std::vector<T>& buf, int64_t n) {
+  constexpr int64_t kPad = 64 / sizeof(T);
+  buf.resize(n + kPad);
+  const auto address = reinterpret_cast<std::uintptr_t>(buf.data());
+  return buf.data() + (-address % 64) / sizeof(T);
+}
+
 struct Geometry {
   int64_t n, h, w, ci, co;
 };
@@ -178,12 +189,9 @@ Active<T> BuildLists(ffi::ThreadPool& pool, const Geometry& g, const T* x) {
   const int64_t positions = g.n * g.h * g.w;
   thread_local std::vector<uint16_t> list_buf, count_buf;
   thread_local std::vector<T> value_buf;
-  list_buf.resize(positions * g.ci);
-  count_buf.resize(positions);
-  if (kValued) value_buf.resize(positions * g.ci);
-  uint16_t* list_data = list_buf.data();
-  uint16_t* count_data = count_buf.data();
-  T* value_data = kValued ? value_buf.data() : nullptr;
+  uint16_t* list_data = Aligned(list_buf, positions * g.ci);
+  uint16_t* count_data = Aligned(count_buf, positions);
+  T* value_data = kValued ? Aligned(value_buf, positions * g.ci) : nullptr;
   const int64_t block = 64;
   ParallelFor(pool, (positions + block - 1) / block, [&](int64_t i) {
     for (int64_t p = i * block, end = std::min(positions, p + block); p < end; ++p)
@@ -298,8 +306,7 @@ class Tiles {
     while (width_ > L && 9 * g.ci * width_ * int64_t(sizeof(T)) > kTileBytes) width_ /= 2;
     if (width_ == 8 * L || width_ >= g.co) return;
     thread_local std::vector<T> copy;
-    copy.resize(9 * g.ci * g.co);
-    T* dst = copy.data();
+    T* dst = Aligned(copy, 9 * g.ci * g.co);
     ParallelFor(pool, count(), [&](int64_t t) {
       const int64_t c0 = t * width_, w = std::min(g.co, c0 + width_) - c0;
       for (int64_t row = 0; row < 9 * g.ci; ++row)
@@ -358,8 +365,7 @@ void KernelGradTile(const Geometry& g, const bool* x, const T* grad, int64_t q0,
   using VT = typename V::type;
   constexpr int64_t L = V::kLanes;
   thread_local std::vector<uint16_t> list_buf;
-  list_buf.resize(g.ci + 16);
-  uint16_t* list = list_buf.data();
+  uint16_t* list = Aligned(list_buf, g.ci + 16);
   for (int64_t q = q0; q < q1; ++q) {
     const int64_t m = ActiveChannels(x + q * g.ci, g.ci, list, static_cast<T*>(nullptr));
     if (m == 0) continue;
@@ -410,8 +416,8 @@ void SpikeKernelGrad(ffi::ThreadPool& pool, const Geometry& g, const bool* x, co
   const int64_t splits = std::max<int64_t>(1, std::min(positions, (16 + tiles - 1) / tiles));
   const int64_t size = 9 * g.ci * g.co;  // one split's partial sum, tile-major
   thread_local std::vector<T> partial_buf;
-  partial_buf.assign(splits * size, T(0));
-  T* partial = partial_buf.data();
+  T* partial = Aligned(partial_buf, splits * size);
+  std::fill(partial, partial + splits * size, T(0));
   ParallelFor(pool, tiles * splits, [&](int64_t i) {
     const int64_t t = i / splits, s = i % splits;
     const int64_t c0 = t * width, w = std::min(g.co, c0 + width) - c0;
@@ -490,7 +496,8 @@ void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, int64_t
       const TileView<T> v = kernel_tiles.View(c0, c1);
       const VT zero{}, one = zero + T(1);
       VT fired_lanes{};  // spike counts, exact in any order (integers)
-      T total = 0, membrane[kTile], zs[kStepBlock * kTile];  // zs: a pred per step of the block
+      T total = 0;
+      alignas(64) T membrane[kTile], zs[kStepBlock * kTile];  // zs: a pred per step of the block
       auto out_row = [&](int64_t k, int64_t y, int64_t xpos) {
         return spikes_out + (((k * g.n + b) * oh + y) * ow + xpos) * g.co + c0;
       };
