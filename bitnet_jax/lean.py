@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax import neuron
+from bitnet_jax.kernels import spike_conv
 
 
 def check_surrogate(surrogate) -> None:
@@ -153,15 +154,21 @@ _spike_synapse.defvjp(_spike_synapse_fwd, _spike_synapse_bwd)
 # The neuron through time, and the layers of a chunk.
 
 
-def _step_through_time(state, preds, const, length, surrogate, valid):
-  """The bddi forward of one layer through time: (n, ...) spikes, final state, bool window."""
-  spikes, state = neuron.over_time(state, surrogate, preds, const, length, valid)
+def _step_through_time(state, preds, const, length, surrogate, valid, fused):
+  """The bddi forward of one layer through time: (n, ...) spikes, final state, bool window.
+  `fused`: in one call of the C++ kernels (bitwise the same), not a scan."""
+  if fused and preds is not None:
+    spikes, state = spike_conv.neuron_steps(preds, state, valid)
+  elif fused:
+    spikes, state, _ = spike_conv.neuron(const, state, length, False, surrogate.name, valid)
+  else:
+    spikes, state = neuron.over_time(state, surrogate, preds, const, length, valid)
   pred = const if preds is None else preds
   return spikes, state, (pred >= 0) & (pred <= 1)  # window: the clip's pass-through mask
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _neuron_over_time(state, preds, valid, length, surrogate):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _neuron_over_time(state, preds, valid, length, surrogate, fused=False):
   """Steps one layer's `ste` neurons through time.
 
   Args:
@@ -171,26 +178,30 @@ def _neuron_over_time(state, preds, valid, length, surrogate):
       masked (`neuron.over_time`).
     length: n.
     surrogate: the `ste` `neuron.Surrogate` (its clip leak is used in the backward).
+    fused: step the neurons in the C++ kernels (`spike_conv.neuron_steps`, `spike_conv.neuron`:
+      the sparse modules' forward; bitwise the scan's), not in a `lax.scan`.
 
   Returns:
     (n, B, ...) spikes and the final state.
   """
-  return _neuron_over_time_fwd(state, preds, valid, length, surrogate)[0]
+  return _neuron_over_time_fwd(state, preds, valid, length, surrogate, fused)[0]
 
 
-def _neuron_over_time_fwd(state, preds, valid, length, surrogate):
+def _neuron_over_time_fwd(state, preds, valid, length, surrogate, fused=False):
   const = preds.ndim == state.ndim
   spikes, state, window = _step_through_time(state, None if const else preds,
-                                             preds if const else None, length, surrogate, valid)
+                                             preds if const else None, length, surrogate, valid,
+                                             fused)
   return (spikes, state), (window, valid)
 
 
-def _neuron_over_time_bwd(length, surrogate, residual, cotangents):
+def _neuron_over_time_bwd(length, surrogate, fused, residual, cotangents):
   """The `ste` neuron's backward needs no loop: d spike_t / d pred_t = window_t and nothing
   crosses time steps (the membrane's cotangent is dropped), so it is elementwise. This keeps
   only the bool window (a constant pred: one step's), where the scan's transpose would also
   reverse and restack float tensors. A masked step's spike is a constant 0: its cotangent
   (which the spike count's cotangent reaches) is dropped."""
+  del fused  # the same forward either way
   window, valid = residual
   g_spikes, _ = cotangents                            # (n, B, ...); final state: no gradient
   if valid is not None:
@@ -226,7 +237,8 @@ def runs(module, params) -> tuple:
       flat = x.reshape((-1,) + x.shape[2:])                              # (n*B, H, W, C)
       x = _spike_synapse(module, spec.name, params[spec.name], flat)     # one conv for n steps
       x = x.reshape((n, -1) + x.shape[1:])                               # (n, B, ...)
-    spikes, state = _neuron_over_time(state, x, valid, n, module.surrogate)
+    fused = module.sparse and state.ndim == 4                            # not mlp1's (B, C)
+    spikes, state = _neuron_over_time(state, x, valid, n, module.surrogate, fused)
     return (neuron.maxpool(spikes) if spec.pool else spikes), state, neuron.per_image(spikes)
 
   return tuple(functools.partial(run, spec) for spec in module.plan())

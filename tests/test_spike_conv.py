@@ -15,6 +15,7 @@ from bitnet_jax import reference
 from bitnet_jax.kernels import shared_library
 from bitnet_jax.kernels import spike_conv
 from bitnet_jax import evaluate
+from bitnet_jax import neuron as bitnet_neuron
 from bitnet_jax import trainer
 from configs import default
 from tests.helpers import firing_params, tiny_config
@@ -183,6 +184,27 @@ def test_layer_and_neuron_mask_steps_past_valid(pool):
           np.testing.assert_array_equal(got[2], 0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_neuron_steps_is_the_scan_bitwise(dtype):
+  """`neuron_steps` (the training forward's neuron) is `neuron.over_time` bitwise, in float32 as
+  in float64 (the same elementwise operations in the same order): over 19 steps (three blocks of
+  the kernel), channels that fill no whole vector, preds on both sides of the clip, with and
+  without masked steps."""
+  rng = np.random.default_rng(5)
+  with jax.enable_x64(True):
+    preds = jnp.asarray(rng.normal(0.3, 0.8, size=(19, 3, 6, 4, 37)), dtype)
+    state = jnp.asarray(rng.random((3, 6, 4, 37)), dtype)
+    run = jax.jit(spike_conv.neuron_steps)
+    for valid in (None, 0, 11, 19):
+      v = None if valid is None else jnp.int32(valid)
+      got = run(preds, state, v)
+      want = bitnet_neuron.over_time(state, bitnet_neuron.get_surrogate("ste"), preds, valid=v)
+      assert 0 < float(want[0].mean()) < 1 or valid == 0
+      for a, b in zip(got, want):
+        assert a.dtype == dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b, err_msg=str(valid))
+
+
 def test_masked_layer_gradient_is_the_dense_one():
   """The backward of a masked call differentiates the masked dense computation: masked steps
   contribute zero, so the gradient equals that of the unmasked call over the valid steps."""
@@ -236,6 +258,11 @@ def test_conv_rejects_bad_input():
     spike_conv.neuron(state, state, 2, False, "ste", np.array([1, 2], np.int32))
   with pytest.raises(ValueError, match="must be None or an integer scalar, got \\(\\) float32"):
     spike_conv.layer(x[None], kernel, bias, state, False, "ste", np.float32(1))
+  with pytest.raises(ValueError, match=r"neuron_steps: expected \(T, N, H, W, C\) preds and an "
+                                       r".* got \(1, 4, 4, 4\) float32 and \(1, 4, 4, 4\)"):
+    spike_conv.neuron_steps(state, state)
+  with pytest.raises(ValueError, match=r"got \(2, 1, 4, 4, 4\) bfloat16 and"):
+    spike_conv.neuron_steps(jnp.zeros((2, 1, 4, 4, 4), jnp.bfloat16), state)
 
 
 def test_unavailable_kernel_is_a_clear_error(monkeypatch):

@@ -94,6 +94,19 @@ state = jax.eval_shape(init, jax.random.PRNGKey(0))
 batch = {"image": jax.ShapeDtypeStruct((B, 32, 32, 3), np.uint8, sharding=sharded),
          "label": jax.ShapeDtypeStruct((B,), np.int32, sharding=sharded)}
 result["train_step"] = {"calls": calls(step.lower(state, batch).compile())}
+config.remat = "stream"  # the lean layers: conv over the steps, then the neuron's own kernel
+step, init = run_config.standalone_train_step(config, info)
+result["train_step_stream"] = {"calls": calls(step.lower(state, batch).compile())}
+
+preds = np.random.default_rng(4).normal(0.4, 0.6, size=(T, B, 8, 8, 24)).astype(np.float32)
+membranes = np.random.default_rng(5).random((B, 8, 8, 24)).astype(np.float32)
+steps_split = NamedSharding(mesh, P(None, "data"))
+neuron_steps = jax.jit(spike_conv.neuron_steps)
+split_args = jax.device_put(preds, steps_split), jax.device_put(membranes, sharded)
+result["neuron_steps"] = {
+    "equal": all(np.array_equal(a, b) for a, b in zip(neuron_steps(preds, membranes),
+                                                      neuron_steps(*split_args))),
+    "calls": calls(neuron_steps.lower(*split_args).compile())}
 print("RESULT" + json.dumps(result))
 """
 
@@ -148,6 +161,19 @@ def test_train_step_kernels_see_the_device_batch(four_devices):
   device's images."""
   _assert_per_device_batch(four_devices["train_step"]["calls"],
                            ["neuron", "layer", "conv", "sparse_conv", "kernel_grad"])
+
+
+def test_stream_train_step_kernels_see_the_device_batch(four_devices):
+  """remat="stream" (the CPU default): the synapse over all steps, the neuron over its preds
+  (`neuron_steps`) and the gradient kernels, each on the device's images."""
+  _assert_per_device_batch(four_devices["train_step_stream"]["calls"],
+                           ["neuron", "neuron_steps", "conv", "sparse_conv", "kernel_grad"])
+
+
+def test_sharded_neuron_steps_equals_one_device(four_devices):
+  r = four_devices["neuron_steps"]
+  assert r["equal"]
+  _assert_per_device_batch(r["calls"], ["neuron_steps"])
 
 
 def test_vmap_calls_the_kernel_per_element():

@@ -30,6 +30,7 @@ _RULES = {
     "layer": ("t n h w i, a b i o, o, n h w o, -> t n p q o, n h w o, n",
               (1, None, None, 0, None), (1, 0, 0)),
     "neuron": ("n h w c, n h w c, -> t n p q c, n h w c, n", (0, 0, None), (1, 0, 0)),
+    "neuron_steps": ("t n h w c, n h w c, -> t n p q c, n h w c, n", (1, 0, None), (1, 0, 0)),
 }
 
 
@@ -57,6 +58,11 @@ def _ffi(op: str, dtype: np.dtype, pool: bool | None, steps: int | None):
       x, g = (a.reshape((-1,) + a.shape[2:]) for a in args)             # (T * N, H, W, C)
       out = jax.ShapeDtypeStruct((3, 3, x.shape[3], g.shape[3]), g.dtype)
       return jax.ffi.ffi_call(name, out, vmap_method="sequential")(x, g)
+    if op == "neuron_steps":
+      preds, state = args[0], args[1]
+      return tuple(jax.ffi.ffi_call(name, _outputs(preds.shape[0], state, pool),
+                                    vmap_method="sequential",
+                                    input_output_aliases={1: 1})(*args, pool=pool))
     if op == "layer":
       x, state = args[0], args[3]
       return tuple(jax.ffi.ffi_call(name, _outputs(x.shape[0], state, pool),
@@ -94,9 +100,9 @@ def batch_partitioned(op: str, dtype: np.dtype, pool: bool | None = None,
   """The kernel of `op` as an op that XLA's SPMD partitioner splits over the batch.
 
   Args:
-    op: "conv", "layer" or "neuron".
+    op: a key of `_RULES`.
     dtype: float32 or float64.
-    pool, steps: the static settings of `layer` / `neuron`.
+    pool, steps: the static settings of `layer`, `neuron` and `neuron_steps`.
 
   Returns:
     `f(*operands)` with the operands and results of the op; under a jit whose batch is sharded,

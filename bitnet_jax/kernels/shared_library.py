@@ -71,7 +71,8 @@ def register() -> str | None:
   handle = ctypes.cdll.LoadLibrary(str(lib))
   for op, symbol in (("conv", "BitnetSpikeConv"), ("layer", "BitnetSpikeLayer"),
                      ("neuron", "BitnetSpikeNeuron"), ("sparse_conv", "BitnetSparseConv"),
-                     ("kernel_grad", "BitnetSpikeKernelGrad")):
+                     ("kernel_grad", "BitnetSpikeKernelGrad"),
+                     ("neuron_steps", "BitnetSpikeNeuronSteps")):
     for suffix in ("f32", "f64"):
       jax.ffi.register_ffi_target(f"bitnet_spike_{op}_{suffix}",
                                   jax.ffi.pycapsule(getattr(handle, symbol + suffix.upper())),

@@ -11,6 +11,9 @@
   engines run sparse models through it (`scan` with T = 1, `parallel` once per chunk);
 - `neuron(pred, state, steps, pool, surrogate, valid=None)`: the same without the synapse, for a
   constant pred (the first layer, whose input is the image).
+- `neuron_steps(preds, state, valid=None)`: the neuron alone over a pred per step (the
+  training forward of `lean.py`, whose synapse ran over all steps at once), forward only: in
+  one pass, where a scan writes every step into a zero-filled stack.
 
 They differentiate as the dense computations do (`jax.custom_vjp`), so a model that uses them
 trains, and the backward skips zeros too: `layer` recomputes its synapse with `conv` (the same
@@ -286,3 +289,30 @@ def _neuron_bwd(steps, pool, surrogate, residual, g):
 
 
 _neuron.defvjp(_neuron_fwd, _neuron_bwd)
+
+
+def neuron_steps(preds, state, valid=None):
+  """The bddi neuron over the time steps of its preds, in one kernel call; forward only.
+
+  Bitwise `neuron.over_time(state, surrogate, preds, valid=valid)` (every surrogate's forward is
+  the same), without the scan's zero-filled (T, N, H, W, C) stack of outputs and its per-step
+  writes. It has no gradient: `lean.py` differentiates it with its own elementwise rule.
+
+  Args:
+    preds: (T, N, H, W, C) synaptic outputs (before the clip), float32 or float64.
+    state: (N, H, W, C) membranes before the first step, preds' dtype.
+    valid: as in `layer`.
+
+  Returns:
+    ((T, N, H, W, C) spikes, the (N, H, W, C) membranes after the last step).
+  """
+  if preds.ndim != 5 or preds.shape[1:] != state.shape or preds.dtype != state.dtype or (
+      np.dtype(preds.dtype) not in partition.SUFFIX):
+    raise ValueError(f"spike_conv.neuron_steps: expected (T, N, H, W, C) preds and an (N, H, W, "
+                     f"C) state of one dtype, float32 or float64, got {preds.shape} "
+                     f"{preds.dtype} and {state.shape} {state.dtype}")
+  _check_valid("neuron_steps", valid)
+  check_available()
+  spikes, state, _ = partition.batch_partitioned("neuron_steps", np.dtype(preds.dtype), False)(
+      preds, state, _valid_operand(valid, preds.shape[0]))
+  return spikes, state

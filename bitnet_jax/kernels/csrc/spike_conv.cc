@@ -444,7 +444,7 @@ void SpikeKernelGrad(ffi::ThreadPool& pool, const Geometry& g, const bool* x, co
 
 // `steps` time steps of a spiking layer (docs/ORIGINAL.md), fused: at every step, pred = the
 // synapse on that step's input spikes plus the bias (or, without a kernel, the constant pred x:
-// the first layer), clipped to [0, 1], integrated into the membrane, fire at 1, reset by
+// the first layer; or, with step_preds, x's pred of that step), clipped to [0, 1], integrated into the membrane, fire at 1, reset by
 // subtraction; then the 2x2 max pool of the spikes (if `pool`) and the number of spikes per image
 // (before pooling). Only the first `valid` steps run (0 <= valid <= steps, a runtime operand, so
 // one compiled call serves a padded last chunk): a later step leaves the membranes unchanged and
@@ -459,13 +459,14 @@ void SpikeKernelGrad(ffi::ThreadPool& pool, const Geometry& g, const bool* x, co
 //   - the tile is narrowed (128 -> 64 -> ... floats) until its slice fits in kTileBytes of L2,
 //     and a narrowed tile's slice is read from a tile-major copy of the kernel (Tiles).
 // None of them changes any sum's order: the result is bitwise that of `Accumulate` per step.
-//   x: (steps, n, h, w, ci) spikes, or (n, h, w, co) pred without a kernel
+//   x: (steps, n, h, w, ci) spikes, or without a kernel (n, h, w, co) pred, or (steps, n, h, w,
+//      co) preds with step_preds
 //   state, state_out: (n, h, w, co) (may alias)   spikes_out: (steps, n, h', w', co)
 //   counts_out: (n,)   valid: the number of steps that run
 constexpr int64_t kStepBlock = 8;
 template <typename T>
 void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, int64_t valid,
-                bool do_pool, const T* x, const T* kernel, const T* bias, const T* state,
+                bool do_pool, bool step_preds, const T* x, const T* kernel, const T* bias, const T* state,
                 T* spikes_out, T* state_out, T* counts_out) {
   using V = Vec<T>;
   using VT = typename V::type;
@@ -512,10 +513,14 @@ void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, int64_t
           if (kernel != nullptr)
             AccumulateSteps(v.g, v.kernel, a, b, y, xpos, v.c0, v.c0 + width,
                             k1 - k0, zs, kTile);
+          else if (step_preds)  // step k's pred
+            for (int64_t k = k0; k < k1; ++k)
+              std::memcpy(zs + (k - k0) * kTile, x + (k * g.n * g.h * g.w + p) * g.co + c0,
+                          width * sizeof(T));
           else  // the constant pred of every step
             std::memcpy(zs, x + p * g.co + c0, width * sizeof(T));
           for (int64_t k = k0; k < k1; ++k) {
-            T* z = kernel != nullptr ? zs + (k - k0) * kTile : zs;
+            T* z = kernel != nullptr || step_preds ? zs + (k - k0) * kTile : zs;
             if (kernel != nullptr)
               for (int64_t c = 0; c < width; ++c) z[c] += bias[c0 + c];
             T* o = do_pool ? out_row(k, y / 2, xpos / 2) : out_row(k, y, xpos);
@@ -608,7 +613,8 @@ ffi::Error SpikeLayerHandler(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer
                                        "needs an even height and width");
   if (valid.dimensions().size() != 0)
     return ffi::Error::InvalidArgument("spike_layer: valid must be an int32 scalar");
-  SpikeLayer(pool, g, xd[0], *valid.typed_data(), do_pool, x.typed_data(), kernel.typed_data(),
+  SpikeLayer(pool, g, xd[0], *valid.typed_data(), do_pool, false, x.typed_data(),
+             kernel.typed_data(),
              bias.typed_data(), state.typed_data(), spikes->typed_data(),
              state_out->typed_data(), counts->typed_data());
   return ffi::Error::Success();
@@ -628,10 +634,33 @@ ffi::Error SpikeNeuronHandler(ffi::ThreadPool pool, ffi::Buffer<D> pred, ffi::Bu
   Geometry g{pd[0], pd[1], pd[2], pd[3], pd[3]};
   if (do_pool && (g.h % 2 || g.w % 2))
     return ffi::Error::InvalidArgument("spike_neuron: pooling needs an even height and width");
-  SpikeLayer<ffi::NativeType<D>>(pool, g, steps, *valid.typed_data(), do_pool,
+  SpikeLayer<ffi::NativeType<D>>(pool, g, steps, *valid.typed_data(), do_pool, false,
                                  pred.typed_data(), nullptr, nullptr,
                                  state.typed_data(), spikes->typed_data(),
                                  state_out->typed_data(), counts->typed_data());
+  return ffi::Error::Success();
+}
+
+// The neuron alone for the steps of a pred per step (T, N, H, W, C): a layer whose synapse ran
+// elsewhere (the training forward, whose synapse is `conv` over all steps at once).
+template <ffi::DataType D>
+ffi::Error SpikeNeuronStepsHandler(ffi::ThreadPool pool, ffi::Buffer<D> preds,
+                                   ffi::Buffer<D> state, ffi::Buffer<ffi::S32> valid, bool do_pool,
+                                   ffi::ResultBuffer<D> spikes, ffi::ResultBuffer<D> state_out,
+                                   ffi::ResultBuffer<D> counts) {
+  auto pd = preds.dimensions(), sd = state.dimensions();
+  if (pd.size() != 5 || sd.size() != 4 || pd[1] != sd[0] || pd[2] != sd[1] || pd[3] != sd[2] ||
+      pd[4] != sd[3] || valid.dimensions().size() != 0)
+    return ffi::Error::InvalidArgument("spike_neuron_steps: expected (T, N, H, W, C) preds, an "
+                                       "(N, H, W, C) state and an int32 scalar valid");
+  Geometry g{pd[1], pd[2], pd[3], pd[4], pd[4]};
+  if (do_pool && (g.h % 2 || g.w % 2))
+    return ffi::Error::InvalidArgument("spike_neuron_steps: pooling needs an even height and "
+                                       "width");
+  SpikeLayer<ffi::NativeType<D>>(pool, g, pd[0], *valid.typed_data(), do_pool, true,
+                                 preds.typed_data(), nullptr, nullptr, state.typed_data(),
+                                 spikes->typed_data(), state_out->typed_data(),
+                                 counts->typed_data());
   return ffi::Error::Success();
 }
 
@@ -659,6 +688,16 @@ auto NeuronBinding() {  // pred, state, valid; pool, steps
 }
 
 template <ffi::DataType D>
+auto NeuronStepsBinding() {  // preds, state, valid; pool
+  return WithLayerResults<D>(ffi::Ffi::Bind()
+                                 .template Ctx<ffi::ThreadPool>()
+                                 .template Arg<ffi::Buffer<D>>()
+                                 .template Arg<ffi::Buffer<D>>()
+                                 .template Arg<ffi::Buffer<ffi::S32>>()
+                                 .template Attr<bool>("pool"));
+}
+
+template <ffi::DataType D>
 auto LayerBinding() {  // spikes, kernel, bias, state, valid; pool
   return WithLayerResults<D>(ffi::Ffi::Bind()
                                  .template Ctx<ffi::ThreadPool>()
@@ -683,6 +722,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetSpikeNeuronF32, SpikeNeuronHandler<ffi::F32>
                               NeuronBinding<ffi::F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetSpikeNeuronF64, SpikeNeuronHandler<ffi::F64>,
                               NeuronBinding<ffi::F64>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetSpikeNeuronStepsF32, SpikeNeuronStepsHandler<ffi::F32>,
+                              NeuronStepsBinding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetSpikeNeuronStepsF64, SpikeNeuronStepsHandler<ffi::F64>,
+                              NeuronStepsBinding<ffi::F64>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetSpikeLayerF32, SpikeLayerHandler<ffi::F32>,
                               LayerBinding<ffi::F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetSpikeLayerF64, SpikeLayerHandler<ffi::F64>,
