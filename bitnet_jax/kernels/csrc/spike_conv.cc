@@ -27,6 +27,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <unistd.h>
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -281,13 +283,28 @@ inline void AccumulateSteps(const Geometry& g, const T* kernel, const Active<T>&
 }
 
 // Output channels go in tiles of 8 vectors (128 floats), narrowed (64, 32, ... floats) until a
-// tile's kernel slice, 9 * ci * tile values, fits in kTileBytes of the L2 cache. A narrowed
-// tile's slice is read from a tile-major copy of the kernel (in scratch reused between calls):
-// in HWIO its rows are co values apart and map onto only tile / co of the cache sets; in the
-// copy, tile t's 9 * ci rows of its width are contiguous from 9 * ci * t * tile. Full tiles read
-// the kernel in place (copying them was slower in interleaved A/B runs: layer 3 of the
-// benchmark, 256 outputs in 2 tiles).
-constexpr int64_t kTileBytes = 640 << 10;  // of Zen 4's 1 MB L2, the rest for lists and outputs
+// tile's kernel slice, 9 * ci * tile values, fits in TileBytes() of the L2 cache. A tile's slice
+// is read from a tile-major copy of the kernel (in scratch reused between calls): in HWIO its
+// rows are co values apart and map onto only tile / co of the cache sets; in the copy, tile t's
+// 9 * ci rows of its width are contiguous from 9 * ci * t * tile. Two full tiles (co = 256
+// floats) read the kernel in place (copying them was slower in interleaved A/B runs: layer 3 of
+// the benchmark); more than two do not (layer 4's 512 outputs in tiles of 128, read in place:
+// 110 ms where the copy took 44).
+//
+// 5/8 of the core's L2 (the rest for the lists and outputs): 640 KB on Zen 4 (1 MB), 1.25 MB on
+// the Xeons with 2 MB, where the wider tiles halved the input gradient of layer 4 (ci = 512:
+// tiles of 64 floats, not 32). 1 MB is assumed where the system does not say.
+int64_t TileBytes() {
+  static const int64_t bytes = [] {
+    int64_t l2 = 0;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    if (l2 <= 0) l2 = 1 << 20;
+    return std::clamp<int64_t>(l2, 256 << 10, 4 << 20) * 5 / 8;
+  }();
+  return bytes;
+}
 
 // What Accumulate needs for the tile [c0, c1): its geometry, kernel and first column in them.
 template <typename T>
@@ -303,8 +320,8 @@ class Tiles {
   Tiles(ffi::ThreadPool& pool, const Geometry& g, const T* kernel) : g_(g), kernel_(kernel) {
     constexpr int64_t L = Vec<T>::kLanes;
     if (kernel == nullptr) return;  // the neuron alone: no synapse
-    while (width_ > L && 9 * g.ci * width_ * int64_t(sizeof(T)) > kTileBytes) width_ /= 2;
-    if (width_ == 8 * L || width_ >= g.co) return;
+    while (width_ > L && 9 * g.ci * width_ * int64_t(sizeof(T)) > TileBytes()) width_ /= 2;
+    if (width_ >= g.co || (width_ == 8 * L && g.co <= 2 * width_)) return;
     thread_local std::vector<T> copy;
     T* dst = Aligned(copy, 9 * g.ci * g.co);
     ParallelFor(pool, count(), [&](int64_t t) {
@@ -403,12 +420,16 @@ void KernelGradTile(const Geometry& g, const bool* x, const T* grad, int64_t q0,
   }
 }
 
+// The kernel gradient's tiles of dw, which every active input's rows are added into, stay at
+// 640 KB whatever the L2 (1.25 MB was slower on a 2 MB L2: 67 -> 74 ms, layer 4).
+constexpr int64_t kKernelGradTileBytes = 640 << 10;
+
 template <typename T>
 void SpikeKernelGrad(ffi::ThreadPool& pool, const Geometry& g, const bool* x, const T* grad,
                      T* out) {
   constexpr int64_t L = Vec<T>::kLanes;
   int64_t width = 8 * L;
-  while (width > L && 9 * g.ci * width * int64_t(sizeof(T)) > kTileBytes) width /= 2;
+  while (width > L && 9 * g.ci * width * int64_t(sizeof(T)) > kKernelGradTileBytes) width /= 2;
   width = std::min(width, g.co);
   const int64_t tiles = (g.co + width - 1) / width, positions = g.n * g.h * g.w;
   // At least 16 tasks (2 cores: a task is at most 1/16 of the work left over), fixed by the
@@ -456,7 +477,7 @@ void SpikeKernelGrad(ffi::ThreadPool& pool, const Geometry& g, const bool* x, co
 // Three choices keep the kernel rows in cache (the row additions are bound by their loads):
 //   - per position, the synapse of all the block's steps, tap-major (AccumulateSteps): the rows a
 //     tap adds at one step are in L1 for the next steps (the same channels keep firing);
-//   - the tile is narrowed (128 -> 64 -> ... floats) until its slice fits in kTileBytes of L2,
+//   - the tile is narrowed (128 -> 64 -> ... floats) until its slice fits in TileBytes() of L2,
 //     and a narrowed tile's slice is read from a tile-major copy of the kernel (Tiles).
 // None of them changes any sum's order: the result is bitwise that of `Accumulate` per step.
 //   x: (steps, n, h, w, ci) spikes, or without a kernel (n, h, w, co) pred, or (steps, n, h, w,
