@@ -365,54 +365,81 @@ void SpikeConv(ffi::ThreadPool& pool, const Geometry& g, const T* x, const T* ke
   });
 }
 
+// Whether all 64 bytes of v are zero (a -0.0 counts as nonzero: adding it changes nothing).
+template <typename VT>
+inline bool AllZero(VT v) {
+#if defined(__AVX512F__)
+  __m512i bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return _mm512_test_epi64_mask(bits, bits) == 0;
+#else
+  uint64_t words[8], any = 0;
+  std::memcpy(words, &v, sizeof words);
+  for (uint64_t word : words) any |= word;
+  return any == 0;
+#endif
+}
+
 // The kernel gradient of the 3x3 'SAME' convolution of 0/1 spikes x (N, H, W, Ci), given the
 // cotangent g (N, H, W, Co) of its output:
 //   dw[dy, dx, c, :] = sum over output positions p with x[p + (dy - 1, dx - 1), c] != 0 of g[p, :]
 // Only active inputs are visited, and rows of g that are zero in a tile (most of them under the
 // ste clip window and the max pool's routing) are skipped. A task takes one tile of output
 // channels (narrowed like the forward's, so that its 9 * ci rows fit in L2) and one of `splits`
-// contiguous ranges of input positions q; per q it lists the active channels, then per tap loads
-// the row g[p, tile] of the output position p that q feeds through that tap and adds it to the
-// task's rows dw[tap, c, tile], kept tile-major (contiguous) in a partial sum of its own. The
-// partial sums are then added in split order: the result does not depend on the thread count.
+// contiguous ranges of input positions q, which it goes through in chunks of kGradChunk: it lists
+// each q's active channels, then, tap by tap, loads for each q the row g[p, tile] of the output
+// position p that q feeds through that tap and adds it to the task's rows dw[tap, c, tile], kept
+// tile-major (contiguous) in a partial sum of its own. Tap by tap, one tap's rows (ci * tile
+// values) are the ones being updated, in L1 for the smaller layers, where all nine taps' are in
+// L2; each dw value still adds its q in ascending order. The partial sums are then added in
+// split order: the result does not depend on the thread count.
+constexpr int64_t kGradChunk = 64;
 template <typename T, int K>
 void KernelGradTile(const Geometry& g, const bool* x, const T* grad, int64_t q0, int64_t q1,
                     int64_t c0, int64_t width, T* dw) {
   using V = Vec<T>;
   using VT = typename V::type;
   constexpr int64_t L = V::kLanes;
-  thread_local std::vector<uint16_t> list_buf;
-  uint16_t* list = Aligned(list_buf, g.ci + 16);
-  for (int64_t q = q0; q < q1; ++q) {
-    const int64_t m = ActiveChannels(x + q * g.ci, g.ci, list, static_cast<T*>(nullptr));
-    if (m == 0) continue;
-    const int64_t b = q / (g.h * g.w), yy = (q / g.w) % g.h, xx = q % g.w;
+  thread_local std::vector<uint16_t> list_buf, count_buf;
+  uint16_t* lists = Aligned(list_buf, kGradChunk * g.ci + 16);
+  uint16_t* counts = Aligned(count_buf, kGradChunk);
+  for (int64_t qa = q0; qa < q1; qa += kGradChunk) {
+    const int64_t qb = std::min(q1, qa + kGradChunk);
+    bool any = false;
+    for (int64_t q = qa; q < qb; ++q) {
+      counts[q - qa] = ActiveChannels(x + q * g.ci, g.ci, lists + (q - qa) * g.ci,
+                                      static_cast<T*>(nullptr));
+      any |= counts[q - qa] != 0;
+    }
+    if (!any) continue;
     for (int64_t dy = 0; dy < 3; ++dy) {
-      const int64_t y = yy - dy + 1;
-      if (y < 0 || y >= g.h) continue;
       for (int64_t dx = 0; dx < 3; ++dx) {
-        const int64_t xpos = xx - dx + 1;
-        if (xpos < 0 || xpos >= g.w) continue;
-        const T* row = grad + ((b * g.h + y) * g.w + xpos) * g.co + c0;
         T* tap = dw + (dy * 3 + dx) * g.ci * width;
-        if constexpr (K > 0) {
-          VT v[K], any{};
-          for (int k = 0; k < K; ++k) {
-            v[k] = V::Load(row + k * L);
-            any = any != VT{} ? any : v[k];  // a nonzero lane of any row stays
-          }
-          bool zero = true;
-          for (int64_t l = 0; l < L; ++l) zero &= any[l] == T(0);
-          if (zero) continue;
-          for (int64_t j = 0; j < m; ++j) {
-            T* out = tap + list[j] * width;
+        for (int64_t q = qa; q < qb; ++q) {
+          const int64_t m = counts[q - qa];
+          if (m == 0) continue;
+          const int64_t b = q / (g.h * g.w), yy = (q / g.w) % g.h, xx = q % g.w;
+          const int64_t y = yy - dy + 1, xpos = xx - dx + 1;
+          if (y < 0 || y >= g.h || xpos < 0 || xpos >= g.w) continue;
+          const T* row = grad + ((b * g.h + y) * g.w + xpos) * g.co + c0;
+          const uint16_t* list = lists + (q - qa) * g.ci;
+          if constexpr (K > 0) {
+            VT v[K], nonzero{};
+            for (int k = 0; k < K; ++k) {
+              v[k] = V::Load(row + k * L);
+              nonzero = nonzero != VT{} ? nonzero : v[k];  // a nonzero lane of any row stays
+            }
+            if (AllZero(nonzero)) continue;
+            for (int64_t j = 0; j < m; ++j) {
+              T* out = tap + list[j] * width;
 #pragma GCC unroll 8
-            for (int k = 0; k < K; ++k) V::Store(out + k * L, V::Load(out + k * L) + v[k]);
-          }
-        } else {
-          for (int64_t j = 0; j < m; ++j) {
-            T* out = tap + list[j] * width;
-            for (int64_t c = 0; c < width; ++c) out[c] += row[c];
+              for (int k = 0; k < K; ++k) V::Store(out + k * L, V::Load(out + k * L) + v[k]);
+            }
+          } else {
+            for (int64_t j = 0; j < m; ++j) {
+              T* out = tap + list[j] * width;
+              for (int64_t c = 0; c < width; ++c) out[c] += row[c];
+            }
           }
         }
       }
