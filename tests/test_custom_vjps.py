@@ -19,6 +19,7 @@ import pytest
 import bitnet_jax
 from bitnet_jax import lean
 from bitnet_jax import neuron
+from bitnet_jax.kernels import spike_conv
 from tests.helpers import ROOT
 
 # "module path:function" -> (test file, test function) that checks it over its domain.
@@ -122,12 +123,16 @@ def test_spike_synapse_vjp_is_autodiff_on_spikes(sparse, name):
       np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * float(jnp.abs(b).max()))
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("const", [False, True])
 @pytest.mark.parametrize("valid", [None, 3, 1])
-def test_lean_neuron_vjp_is_autodiff_of_the_scan(const, valid):
+def test_lean_neuron_vjp_is_autodiff_of_the_scan(const, valid, fused):
   """`_neuron_over_time` (the ste neuron through time, backward without a loop) equals autodiff
   of `neuron.over_time` (the scan of per-step bddi) over preds in and out of the clip window,
-  for a pred per step or one constant pred, with and without masked steps."""
+  for a pred per step or one constant pred, with and without masked steps, stepped by the scan
+  or by the C++ kernels (`fused`, the sparse modules' path: the same spikes)."""
+  if fused and not spike_conv.available()[0]:
+    pytest.skip(f"spike_conv kernel unavailable: {spike_conv.available()[1]}")
   rng = np.random.default_rng(2)
   n = 5
   surrogate = neuron.get_surrogate("ste+leak:0.1")
@@ -142,7 +147,7 @@ def test_lean_neuron_vjp_is_autodiff_of_the_scan(const, valid):
 
     def ours(state, preds):
       neuron_over_time = lean._neuron_over_time  # pylint: disable=protected-access
-      return neuron_over_time(state, preds, v, n, surrogate)
+      return neuron_over_time(state, preds, v, n, surrogate, fused)
 
     out_ref, vjp_ref = jax.vjp(ref, state, preds)
     out, vjp = jax.vjp(ours, state, preds)

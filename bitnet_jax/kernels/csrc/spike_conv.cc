@@ -492,9 +492,9 @@ void SpikeKernelGrad(ffi::ThreadPool& pool, const Geometry& g, const bool* x, co
 
 // `steps` time steps of a spiking layer (docs/ORIGINAL.md), fused: at every step, pred = the
 // synapse on that step's input spikes plus the bias (or, without a kernel, the constant pred x:
-// the first layer; or, with step_preds, x's pred of that step), clipped to [0, 1], integrated into the membrane, fire at 1, reset by
-// subtraction; then the 2x2 max pool of the spikes (if `pool`) and the number of spikes per image
-// (before pooling). Only the first `valid` steps run (0 <= valid <= steps, a runtime operand, so
+// the first layer; or, with step_preds, x's pred of that step), clipped to [0, 1], integrated
+// into the membrane, fire at 1, reset by subtraction; then the 2x2 max pool of the spikes (if
+// `pool`) and the number of spikes per image (before pooling). Only the first `valid` steps run (0 <= valid <= steps, a runtime operand, so
 // one compiled call serves a padded last chunk): a later step leaves the membranes unchanged and
 // emits no spike (its output is zeros). The steps go in blocks of kStepBlock (the active-channel
 // lists are built for one block at a time, which bounds the scratch memory). A task takes one
@@ -514,8 +514,8 @@ void SpikeKernelGrad(ffi::ThreadPool& pool, const Geometry& g, const bool* x, co
 constexpr int64_t kStepBlock = 8;
 template <typename T>
 void SpikeLayer(ffi::ThreadPool& pool, const Geometry& g, int64_t steps, int64_t valid,
-                bool do_pool, bool step_preds, const T* x, const T* kernel, const T* bias, const T* state,
-                T* spikes_out, T* state_out, T* counts_out) {
+                bool do_pool, bool step_preds, const T* x, const T* kernel, const T* bias,
+                const T* state, T* spikes_out, T* state_out, T* counts_out) {
   using V = Vec<T>;
   using VT = typename V::type;
   constexpr int64_t L = V::kLanes, kTile = 8 * L;
@@ -662,8 +662,7 @@ ffi::Error SpikeLayerHandler(ffi::ThreadPool pool, ffi::Buffer<D> x, ffi::Buffer
   if (valid.dimensions().size() != 0)
     return ffi::Error::InvalidArgument("spike_layer: valid must be an int32 scalar");
   SpikeLayer(pool, g, xd[0], *valid.typed_data(), do_pool, false, x.typed_data(),
-             kernel.typed_data(),
-             bias.typed_data(), state.typed_data(), spikes->typed_data(),
+             kernel.typed_data(), bias.typed_data(), state.typed_data(), spikes->typed_data(),
              state_out->typed_data(), counts->typed_data());
   return ffi::Error::Success();
 }
