@@ -491,16 +491,17 @@ void SpikeKernelGrad(ffi::ThreadPool& pool, const Geometry& g, const bool* x, co
 }
 
 // `steps` time steps of a spiking layer (docs/ORIGINAL.md), fused: at every step, pred = the
-// synapse on that step's input spikes plus the bias (or, without a kernel, the constant pred x:
-// the first layer; or, with step_preds, x's pred of that step), clipped to [0, 1], integrated
-// into the membrane, fire at 1, reset by subtraction; then the 2x2 max pool of the spikes (if
-// `pool`) and the number of spikes per image (before pooling). Only the first `valid` steps run
-// (0 <= valid <= steps, a runtime operand, so one compiled call serves a padded last chunk): a later step leaves the membranes unchanged and
-// emits no spike (its output is zeros). The steps go in blocks of kStepBlock (the active-channel
-// lists are built for one block at a time, which bounds the scratch memory). A task takes one
-// tile of channels of two rows of one image and keeps their membranes in L1 across a block's
-// steps, so the membranes are read and written once per block. It owns whole pooling windows; the
-// tile is the slowest task index, so consecutive tasks share a tile's kernel slice in the cache.
+// synapse on that step's input spikes plus the bias (or, without a kernel, the constant pred x: the
+// first layer; or, with step_preds, x's pred of that step), clipped to [0, 1], integrated into the
+// membrane, fire at 1, reset by subtraction; then the 2x2 max pool of the spikes (if `pool`) and
+// the number of spikes per image (before pooling). Only the first `valid` steps run (0 <= valid <=
+// steps, a runtime operand, so one compiled call serves a padded last chunk): a later step leaves
+// the membranes unchanged and emits no spike (its output is zeros). The steps go in blocks of
+// kStepBlock (the active-channel lists are built for one block at a time, which bounds the scratch
+// memory). A task takes one tile of channels of two rows of one image and keeps their membranes in
+// L1 across a block's steps, so the membranes are read and written once per block. It owns whole
+// pooling windows; the tile is the slowest task index, so consecutive tasks share a tile's kernel
+// slice in the cache.
 // Three choices keep the kernel rows in cache (the row additions are bound by their loads):
 //   - per position, the synapse of all the block's steps, tap-major (AccumulateSteps): the rows a
 //     tap adds at one step are in L1 for the next steps (the same channels keep firing);
